@@ -1,0 +1,41 @@
+"""unipers: personalize a unified multimodal model with a few soft concept tokens."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec((Path(__file__).parent / "unipers" / "__init__.py").read_text(), version)
+
+setup(
+    name="unipers",
+    version=version["__version__"],
+    description="Personalize a Chameleon-style AR model and a diffusion decoder with one set of concept tokens",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["unipers", "unipers.*"]),
+    install_requires=[
+        # A matching pair: the registry's default (CUDA) builds also run on CPU-only machines, and
+        # torchvision's operators do not load against the CPU-only torch 2.13 wheel (DESIGN.md).
+        "torch>=2.14,<2.15",
+        "torchvision>=0.29,<0.30",
+        "lightning>=2.6,<2.7",
+        "torchdata>=0.11",
+        "transformers>=5.20,<6",
+        "tokenizers>=0.22",
+        "diffusers>=0.40,<0.50",
+        "omegaconf>=2.3",
+        "einops>=0.8",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        # GPU-only attention kernels; PyTorch SDPA is the default everywhere.
+        "xformers": ["xformers>=0.0.30"],
+    },
+    entry_points={"console_scripts": ["unipers=unipers.cli:main"]},
+)

@@ -1,0 +1,67 @@
+"""Shared fixtures: the tiny base models are built once per test session into a temporary folder and
+loaded back through the same ``from_pretrained`` path real checkpoints use. Nothing contacts a hub."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end tests (the demo); run in CI, skip with -m 'not slow'")
+    config.addinivalue_line("markers", "slurm: needs a running Slurm cluster (skipped where none is present)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU machines)")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """(backbone_dir, decoder_dir) of the embedded default, built via `ensure_tiny` into a temp root."""
+    from unipers.models.tiny import ensure_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    os.environ["UNIPERS_TINY_DIR"] = str(root)  # resolve_path("tiny") in code under test lands here too
+    return ensure_tiny(root)
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(tiny_dirs):
+    return tiny_dirs[0]
+
+
+@pytest.fixture(scope="session")
+def decoder_dir(tiny_dirs):
+    return tiny_dirs[1]
+
+
+@pytest.fixture
+def make_backbone(backbone_dir):
+    """A fresh ARBackbone (own bank) on the tiny base: make_backbone(num_shared=2, ..., head_rows=...)."""
+    from unipers.concepts.bank import SlotLayout
+    from unipers.models.backbone import ARBackbone
+
+    def make(num_shared=2, num_und=3, num_gen=4, head_rows="identifier", path=None):
+        return ARBackbone.from_pretrained(path or backbone_dir, layout=SlotLayout(num_shared, num_und, num_gen),
+                                          head_rows=head_rows)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def other_backbone_dir(tmp_path_factory):
+    """A second tiny backbone of the same shape but another seed: a different base model."""
+    from unipers.models.tiny import build_tiny_chameleon
+
+    return build_tiny_chameleon(tmp_path_factory.mktemp("other") / "backbone", seed=1)
+
+
+def qa_batch(backbone, items, mode="und"):
+    """Right-padded (ids, mask, labels) for [(question, answer), ...] through the PromptBuilder."""
+    from unipers.concepts.prompts import PromptBuilder
+    from unipers.models.unified import pad_batch
+
+    builder = PromptBuilder.for_backbone(backbone)
+    enc = [builder.encode_qa(q, a, mode=mode) for q, a in items]
+    ids, mask = pad_batch([e.ids for e in enc], backbone.tokenizer.pad_token_id)
+    labels, _ = pad_batch([e.labels for e in enc], 0, labels=True)
+    return ids, mask, labels

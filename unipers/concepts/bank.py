@@ -1,0 +1,213 @@
+"""ConceptBank: the trainable concept rows shared by the AR backbone and, through it, the diffusion decoder.
+
+Each concept has an identifier token (``<bo>``) and latent slots in three groups: *shared* (in both
+understanding and generation prompts), *und* (understanding only) and *gen* (generation only). Concepts get
+token ids after the base vocabulary (``id >= V``), in the order they were added.
+
+Two facts (measured, see DESIGN.md) shape this file:
+- Rows live in their own small parameters, spliced in front of the frozen embedding table and appended to
+  the frozen lm_head, so no gradient or optimizer state is ever allocated for the base vocabulary.
+- Every (concept, group) is its own Parameter and only groups whose tokens occur in a batch enter the
+  graph. With ``zero_grad(set_to_none=True)`` their ``.grad`` stays None, so AdamW (weight decay and
+  momentum included) skips them: a concept absent from a batch stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from unipers.concepts.names import validate_name
+
+GROUPS = ("identifier", "shared", "und", "gen")
+HEAD_GROUPS = {"none": (), "identifier": ("identifier",), "all": GROUPS}
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """How many latent slots of each group a concept has (the identifier is always one token)."""
+
+    num_shared: int = 8
+    num_und: int = 4
+    num_gen: int = 4
+
+    def count(self, group: str) -> int:
+        return {"identifier": 1, "shared": self.num_shared, "und": self.num_und, "gen": self.num_gen}[group]
+
+    @property
+    def total(self) -> int:
+        return 1 + self.num_shared + self.num_und + self.num_gen
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ConceptInfo:
+    """What the bank knows about one concept besides its rows."""
+
+    name: str
+    class_word: Optional[str]
+    layout: SlotLayout
+    head_groups: tuple[str, ...]
+    first_id: int  # token id of the identifier; groups follow in GROUPS order
+
+    def span(self, group: str) -> tuple[int, int]:
+        start = self.first_id
+        for g in GROUPS:
+            n = self.layout.count(g)
+            if g == group:
+                return start, start + n
+            start += n
+        raise KeyError(group)
+
+    def token_ids(self, group: str) -> list[int]:
+        return list(range(*self.span(group)))
+
+    @property
+    def end_id(self) -> int:
+        return self.first_id + self.layout.total
+
+
+class ConceptRows(nn.Module):
+    """One concept: an embedding Parameter per non-empty group, and head Parameters for `head_groups`."""
+
+    def __init__(self, layout: SlotLayout, hidden_size: int, head_groups: Iterable[str]):
+        super().__init__()
+        self.embed = nn.ParameterDict(
+            {g: nn.Parameter(torch.zeros(layout.count(g), hidden_size)) for g in GROUPS if layout.count(g)}
+        )
+        self.head = nn.ParameterDict(
+            {g: nn.Parameter(torch.zeros(layout.count(g), hidden_size)) for g in head_groups if layout.count(g)}
+        )
+
+
+class ConceptBank(nn.Module):
+    """Trainable rows for any number of concepts, addressed by token ids ``>= base_vocab_size``.
+
+    The bank knows nothing about tokenizers or checkpoints: `ARBackbone.add_concept` computes the initial
+    rows from the base model, and `unipers.concepts.io` saves and loads them.
+    """
+
+    def __init__(self, base_vocab_size: int, hidden_size: int, layout: SlotLayout = SlotLayout(),
+                 head_rows: str = "identifier"):
+        super().__init__()
+        if head_rows not in HEAD_GROUPS:
+            raise ValueError(f"head_rows={head_rows!r} is not one of {', '.join(HEAD_GROUPS)}")
+        self.base_vocab_size = base_vocab_size
+        self.hidden_size = hidden_size
+        self.layout = layout
+        self.head_rows = head_rows
+        self.rows = nn.ModuleDict()
+        self.info: dict[str, ConceptInfo] = {}
+
+    # ---- membership -------------------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return list(self.info)
+
+    @property
+    def num_tokens(self) -> int:
+        """Concept tokens after the base vocabulary (the full vocabulary is base_vocab_size + num_tokens)."""
+        return sum(i.layout.total for i in self.info.values())
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.info
+
+    def add(self, name: str, *, class_word: Optional[str] = None, layout: Optional[SlotLayout] = None,
+            head_groups: Optional[Iterable[str]] = None, vocabulary: Iterable[str] = (),
+            embed_init: Optional[dict[str, Tensor]] = None, head_init: Optional[dict[str, Tensor]] = None) -> ConceptInfo:
+        """Add a concept with zero rows, or rows copied from `embed_init` / `head_init` (group -> rows)."""
+        validate_name(name, vocabulary=vocabulary, taken=self.info)
+        layout = layout or self.layout
+        head_groups = tuple(HEAD_GROUPS[self.head_rows] if head_groups is None else head_groups)
+        info = ConceptInfo(name, class_word, layout, head_groups, self.base_vocab_size + self.num_tokens)
+        rows = ConceptRows(layout, self.hidden_size, head_groups)
+        with torch.no_grad():
+            for table, init in ((rows.embed, embed_init or {}), (rows.head, head_init or {})):
+                for group, value in init.items():
+                    if group in table:
+                        table[group].copy_(value.expand_as(table[group]))
+        device = next((p.device for p in self.parameters()), None)
+        self.rows[name] = rows.to(device) if device is not None else rows
+        self.info[name] = info
+        return info
+
+    def concept_rows(self, name: str) -> ConceptRows:
+        return self.rows[name]
+
+    def parameters_of(self, names: Optional[Iterable[str]] = None, groups: Iterable[str] = GROUPS,
+                      head: bool = True) -> Iterator[nn.Parameter]:
+        """Parameters of the given concepts and slot groups: the optimizer's allow-list is built from this."""
+        groups = set(groups)
+        for name in self.names if names is None else names:
+            rows = self.rows[name]
+            yield from (p for g, p in rows.embed.items() if g in groups)
+            if head:
+                yield from (p for g, p in rows.head.items() if g in groups)
+
+    def _group_params(self) -> Iterator[tuple[ConceptInfo, str, nn.Parameter, Optional[nn.Parameter]]]:
+        for name, info in self.info.items():
+            rows = self.rows[name]
+            for group, param in rows.embed.items():
+                yield info, group, param, rows.head[group] if group in rows.head else None
+
+    # ---- the two splices --------------------------------------------------------------------------------
+    def embed(self, ids: Tensor, base: nn.Embedding) -> Tensor:
+        """Embeddings for `ids`: base rows below V, concept rows above. Only groups present enter the graph."""
+        vocab = self.base_vocab_size
+        out = base(ids.clamp(max=vocab - 1))
+        is_concept = ids >= vocab
+        if not bool(is_concept.any()):
+            return out
+        used = torch.unique(ids[is_concept])
+        if int(used.max()) >= vocab + self.num_tokens:
+            raise IndexError(f"token id {int(used.max())} is past the vocabulary ({vocab} + {self.num_tokens} concept tokens)")
+        used_list = used.tolist()
+        for info, group, param, _ in self._group_params():
+            start, end = info.span(group)
+            if not any(start <= u < end for u in used_list):
+                continue
+            sel = (ids >= start) & (ids < end)
+            out = out.index_put(torch.nonzero(sel, as_tuple=True), param[ids[sel] - start].to(out.dtype))
+        return out
+
+    def presence(self, ids: Tensor) -> Tensor:
+        """(B, num_concepts) bool: which concepts each sequence mentions. Concept logits exist only there."""
+        cols = [((ids >= i.first_id) & (ids < i.end_id)).any(-1) for i in self.info.values()]
+        if not cols:
+            return torch.zeros(ids.shape[0], 0, dtype=torch.bool, device=ids.device)
+        return torch.stack(cols, -1)
+
+    def head_logits(self, hidden: Tensor, presence: Tensor) -> Tensor:
+        """Logits of the concept tokens, (..., num_tokens), for `hidden` (..., H).
+
+        `presence` (..., num_concepts) must broadcast against hidden's leading dims. A concept gets logits
+        only where its sequence mentions it (else the dtype minimum), so a concept absent from a batch
+        gets no gradient, and outputs do not depend on which other concepts are loaded.
+        """
+        lead = hidden.shape[:-1]
+        low = torch.finfo(hidden.dtype).min
+        out = hidden.new_full((*lead, self.num_tokens), low)
+        offset = self.base_vocab_size
+        for c, (name, info) in enumerate(self.info.items()):
+            here = presence[..., c].expand(lead)
+            if not bool(here.any()):
+                continue
+            for group in GROUPS:
+                start, end = info.span(group)
+                if start == end or group not in self.rows[name].head:
+                    continue
+                weight = self.rows[name].head[group].to(hidden.dtype)
+                logits = torch.where(here[..., None], hidden @ weight.T, low)
+                out = torch.cat([out[..., : start - offset], logits, out[..., end - offset:]], -1)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"base_vocab_size={self.base_vocab_size}, concepts={self.names}, head_rows={self.head_rows}"

@@ -1,0 +1,210 @@
+"""ARBackbone: a frozen transformers Chameleon (Chameleon-7B/30B, Anole-7B layouts) with a ConceptBank spliced in.
+
+The HF model is never modified: concept ids (>= V) are embedded by the bank before ``model.model`` runs on
+``inputs_embeds``, and concept logits are appended to the frozen ``lm_head``'s. Logits are computed only
+where a loss needs them, never for the whole (B, L, 65536) block.
+
+Facts this relies on (DESIGN.md): ``model.model(...).last_hidden_state`` is already normed; the stock
+``forward`` sets every image-token logit to the dtype minimum, so the image-token loss computes its own
+logits from hidden states; the VQ model has an encoder only, so image tokens come from
+``get_image_tokens`` and are cached per image.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Hashable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unipers.concepts.bank import GROUPS, ConceptBank, ConceptInfo, SlotLayout
+from unipers.models.fingerprint import config_fields, fingerprint
+
+IGNORE_INDEX = -100
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that skip padding, so a left- or right-padded row matches the same row unpadded."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ARBackbone(nn.Module):
+    def __init__(self, model: nn.Module, processor, bank: ConceptBank, base_fingerprint: str):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.bank = bank
+        self.base_fingerprint = base_fingerprint
+        mapping = model.model.vocabulary_mapping
+        self.register_buffer("image_token_ids", torch.tensor(mapping.image_tokens, dtype=torch.long), persistent=False)
+        self.boi_id = processor.image_start_token_id
+        self.eoi_id = processor.image_end_token_id
+        self.image_seq_length = processor.image_seq_length
+        self._image_cache: dict[Hashable, Tensor] = {}
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: str = "float32", attn_implementation: str = "sdpa",
+                        layout: SlotLayout = SlotLayout(), head_rows: str = "identifier",
+                        gradient_checkpointing: bool = False) -> "ARBackbone":
+        """Load a local HF Chameleon folder (weights + processor). Never contacts a hub; no remote code."""
+        from transformers import AutoProcessor, ChameleonForConditionalGeneration
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json)")
+        model = ChameleonForConditionalGeneration.from_pretrained(
+            path, dtype=DTYPES[dtype], attn_implementation=attn_implementation, local_files_only=True
+        )
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        if processor.tokenizer.sep_token is None:
+            # ChameleonProcessor appends sep_token to every prompt: None would add the text "None".
+            raise ValueError(f"{path}: the tokenizer has no sep_token (Chameleon uses <reserved08706>)")
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_fp = fingerprint(model, config_fields(model.config))
+        bank = ConceptBank(model.config.vocab_size, model.config.hidden_size, layout, head_rows)
+        return cls(model, processor, bank, base_fp)
+
+    # Lightning switches every submodule to train mode; the frozen base must stay in eval (dropout off).
+    def train(self, mode: bool = True) -> "ARBackbone":
+        super().train(mode)
+        self.model.eval()
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.bank.base_vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.bank.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def vocabulary(self) -> set[str]:
+        return set(self.tokenizer.get_vocab())
+
+    # ---- concepts ---------------------------------------------------------------------------------------
+    def add_concept(self, name: str, class_word: Optional[str] = None, *, init: str = "class_word",
+                    init_noise: float = 0.01, seed: int = 0, layout: Optional[SlotLayout] = None) -> ConceptInfo:
+        """Add a concept whose rows start at the class word's mean embedding, or at random at table scale."""
+        layout = layout or self.bank.layout
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        word_ids: list[int] = []
+        if init == "class_word" and class_word:
+            word_ids = self.tokenizer(class_word, add_special_tokens=False).input_ids
+            if not word_ids:
+                raise ValueError(f"class word {class_word!r} has no tokens in this vocabulary")
+        elif init not in ("class_word", "random"):
+            raise ValueError(f"init={init!r} is not one of class_word, random")
+
+        def rows(table: Tensor, group: str) -> Tensor:
+            table = table.detach().float().cpu()
+            n = layout.count(group)
+            if word_ids:
+                noise = torch.randn(n, table.shape[1], generator=gen) * table.std() * init_noise
+                return table[word_ids].mean(0) + noise
+            return table.mean(0) + torch.randn(n, table.shape[1], generator=gen) * table.std(0)
+
+        embed_w, head_w = self.model.get_input_embeddings().weight, self.model.lm_head.weight
+        groups = [g for g in GROUPS if layout.count(g)]
+        return self.bank.add(
+            name, class_word=class_word, layout=layout, vocabulary=self.vocabulary,
+            embed_init={g: rows(embed_w, g) for g in groups},
+            head_init={g: rows(head_w, g) for g in groups},
+        )
+
+    # ---- forward pieces ---------------------------------------------------------------------------------
+    def embed(self, ids: Tensor) -> Tensor:
+        return self.bank.embed(ids, self.model.get_input_embeddings())
+
+    def hidden_states(self, ids: Tensor, attention_mask: Optional[Tensor] = None, *, cache=None,
+                      position_ids: Optional[Tensor] = None) -> tuple[Tensor, object]:
+        """Final (normed) hidden states (B, L, H), and the KV cache when one is passed in.
+
+        With a cache, `attention_mask` covers past and new tokens; positions are derived from it.
+        """
+        if attention_mask is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = torch.ones(ids.shape[0], past + ids.shape[1], dtype=torch.long, device=ids.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -ids.shape[1]:]
+        out = self.model.model(
+            inputs_embeds=self.embed(ids), attention_mask=attention_mask, position_ids=position_ids,
+            cache=cache, use_cache=cache is not None,
+        )
+        return out.last_hidden_state, out.cache
+
+    def logits(self, hidden: Tensor, presence: Tensor, text_only: bool = True) -> Tensor:
+        """Logits over base + concept vocabulary for `hidden` (..., H).
+
+        text_only=True reproduces the stock model (image tokens at the dtype minimum); False leaves them.
+        """
+        base = self.model.lm_head(hidden)
+        if text_only:
+            base = base.index_fill(-1, self.image_token_ids, torch.finfo(base.dtype).min)
+        if len(self.bank) == 0:
+            return base
+        return torch.cat([base, self.bank.head_logits(hidden, presence)], -1)
+
+    def full_logits(self, ids: Tensor, attention_mask: Optional[Tensor] = None, text_only: bool = True) -> Tensor:
+        """(B, L, V + concept tokens) logits: for tests, export checks and small-scale inspection."""
+        hidden, _ = self.hidden_states(ids, attention_mask)
+        return self.logits(hidden, self.bank.presence(ids)[:, None, :], text_only=text_only)
+
+    def _selected(self, ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor):
+        hidden, _ = self.hidden_states(ids, attention_mask)
+        targets = labels[:, 1:]
+        sel = targets != IGNORE_INDEX
+        rows = sel.nonzero(as_tuple=True)[0]
+        return hidden[:, :-1][sel], self.bank.presence(ids)[rows], targets[sel]
+
+    def understanding_loss(self, ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
+                           reduction: str = "mean") -> Tensor:
+        """Next-token NLL on labelled (answer) positions only; logits computed at those positions alone."""
+        hidden, presence, targets = self._selected(ids, attention_mask, labels)
+        if targets.numel() == 0:
+            return hidden.sum() * 0.0
+        logits = self.logits(hidden, presence, text_only=True).float()
+        return F.cross_entropy(logits, targets, reduction=reduction)
+
+    def image_token_loss(self, ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
+                         reduction: str = "mean") -> Tensor:
+        """NLL of image tokens over the image-token vocabulary, from hidden states (no stock mask)."""
+        hidden, _, targets = self._selected(ids, attention_mask, labels)
+        if targets.numel() == 0:
+            return hidden.sum() * 0.0
+        weight = self.model.lm_head.weight[self.image_token_ids]
+        index = torch.searchsorted(self.image_token_ids, targets)
+        if not bool((self.image_token_ids[index.clamp(max=len(self.image_token_ids) - 1)] == targets).all()):
+            raise ValueError("image_token_loss: a labelled position is not an image token")
+        return F.cross_entropy((hidden @ weight.T).float(), index, reduction=reduction)
+
+    # ---- images -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """VQ-encode (B, 3, H, W) processor-normalised pixels into image token ids (B, image_seq_length)."""
+        dtype = self.model.model.vqmodel.quant_conv.weight.dtype
+        return self.model.model.get_image_tokens(pixel_values.to(self.device, dtype)).long()
+
+    def image_tokens(self, pixel_values: Tensor, keys: Iterable[Hashable]) -> Tensor:
+        """`encode_images` with a per-image cache keyed by the caller (e.g. file path + content hash)."""
+        keys = list(keys)
+        missing = [i for i, k in enumerate(keys) if k not in self._image_cache]
+        if missing:
+            fresh = self.encode_images(pixel_values[missing]).cpu()
+            for i, row in zip(missing, fresh):
+                self._image_cache[keys[i]] = row
+        return torch.stack([self._image_cache[k] for k in keys]).to(self.device)
+
+    def image_segment(self, tokens: Tensor) -> list[int]:
+        """One image as it sits in a sequence: begin-image, its tokens, end-image."""
+        return [self.boi_id, *tokens.tolist(), self.eoi_id]

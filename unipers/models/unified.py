@@ -1,0 +1,146 @@
+"""UnifiedModel: backbone + connector + decoder around one ConceptBank.
+
+    model = UnifiedModel.from_config(load_config(["configs/backbone/tiny.yaml"]))
+    model.add_concept("bo", "dog")
+    ids, mask = model.encode_batch(["A photo of <bo> on a beach."], mode="gen")
+    loss = model.diffusion_loss(ids, mask, latents)
+
+Understanding goes through the backbone's spliced head; generation runs the generation prompt through the
+frozen backbone, takes its last hidden states, maps them through the connector and conditions the frozen
+decoder. The concept rows are the only trainable tensors while personalizing (the connector trains only in
+the align stage), so both losses shape the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from unipers.concepts.bank import SlotLayout
+from unipers.concepts.io import ConceptFileError, load_concepts, save_concepts
+from unipers.concepts.prompts import PromptBuilder
+from unipers.models.backbone import ARBackbone
+from unipers.models.connector import Conditioning, Connector, read_connector_metadata
+from unipers.models.decoder import DiffusionDecoder
+from unipers.models.fingerprint import config_fields, fingerprint
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", labels: bool = False) -> tuple[Tensor, Tensor]:
+    """Pad to the longest sequence (dynamic padding): (ids, attention_mask)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), -100 if labels else pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+class UnifiedModel(nn.Module):
+    def __init__(self, backbone: ARBackbone, connector: Connector, decoder: DiffusionDecoder):
+        super().__init__()
+        self.backbone = backbone
+        self.connector = connector
+        self.decoder = decoder
+        self.prompts = PromptBuilder.for_backbone(backbone)
+        self.decoder_fingerprint = fingerprint(decoder, config_fields(decoder.unet.config))
+
+    @classmethod
+    def from_config(cls, cfg) -> "UnifiedModel":
+        """Build from a `unipers.config.Config`: local folders only ("tiny" = embedded preset)."""
+        from unipers.models.tiny import resolve_path
+
+        layout = SlotLayout(cfg.bank.num_shared, cfg.bank.num_und, cfg.bank.num_gen)
+        backbone = ARBackbone.from_pretrained(
+            resolve_path(cfg.backbone.path, "backbone"), dtype=cfg.backbone.dtype,
+            attn_implementation=cfg.backbone.attn_implementation, layout=layout, head_rows=cfg.bank.head_rows,
+            gradient_checkpointing=cfg.backbone.gradient_checkpointing,
+        )
+        from unipers.models.backbone import DTYPES
+
+        decoder = DiffusionDecoder.from_pretrained(
+            resolve_path(cfg.decoder.path, "decoder"), dtype=DTYPES[cfg.decoder.dtype], attention=cfg.decoder.attention
+        )
+        c = cfg.connector
+        if c.path:
+            connector = Connector.load(c.path)
+        else:
+            torch.manual_seed(cfg.seed)  # a fresh connector must be the same on every rank and every resume
+            connector = Connector(c.kind, in_dim=backbone.hidden_size, out_dim=decoder.cross_attention_dim,
+                                  pooled_dim=decoder.pooled_dim, num_queries=c.num_queries,
+                                  num_layers=c.num_layers, num_heads=c.num_heads)
+        model = cls(backbone, connector, decoder)
+        if c.path:
+            model.check_connector(c.path)
+        model.freeze_connector()
+        return model
+
+    # ---- identity ---------------------------------------------------------------------------------------
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        return {"backbone": self.backbone.base_fingerprint, "decoder": self.decoder_fingerprint}
+
+    def check_connector(self, path: str | os.PathLike) -> None:
+        """Refuse a connector aligned for another backbone/decoder pair, naming both fingerprints."""
+        meta = read_connector_metadata(path)
+        for kind, ours in self.fingerprints.items():
+            theirs = meta.get(f"{kind}_fingerprint")
+            if theirs is not None and theirs != ours:
+                raise ConceptFileError(f"{path}: connector aligned for {kind} {theirs}, but the loaded {kind} is {ours}")
+
+    def freeze_connector(self, frozen: bool = True) -> None:
+        self.connector.requires_grad_(not frozen)
+
+    @property
+    def bank(self):
+        return self.backbone.bank
+
+    # ---- concepts ---------------------------------------------------------------------------------------
+    def add_concept(self, name: str, class_word: Optional[str] = None, **kwargs):
+        return self.backbone.add_concept(name, class_word, **kwargs)
+
+    def load_concepts(self, path: str | os.PathLike, names: Optional[Iterable[str]] = None) -> list[str]:
+        return load_concepts(self.bank, path, base_fingerprint=self.backbone.base_fingerprint,
+                             vocabulary=self.backbone.vocabulary, names=names)
+
+    def save_concepts(self, path: str | os.PathLike, names: Optional[Iterable[str]] = None,
+                      extra: Optional[dict[str, str]] = None) -> Path:
+        extra = {"decoder_fingerprint": self.decoder_fingerprint, **(extra or {})}
+        return save_concepts(self.bank, path, base_fingerprint=self.backbone.base_fingerprint, names=names, extra=extra)
+
+    # ---- batches ----------------------------------------------------------------------------------------
+    def encode_batch(self, texts: Sequence[str], *, mode: str = "gen", gen_slots: Optional[Sequence[Optional[int]]] = None,
+                     images: Optional[Sequence[Sequence[Tensor]]] = None) -> tuple[Tensor, Tensor]:
+        """Encode and right-pad prompts: (ids, attention_mask) on the backbone's device."""
+        gen_slots = list(gen_slots) if gen_slots is not None else [None] * len(texts)
+        images = list(images) if images is not None else [()] * len(texts)
+        seqs = [self.prompts.encode(t, mode=mode, gen_slots=k, images=im) for t, k, im in zip(texts, gen_slots, images)]
+        ids, mask = pad_batch(seqs, self.backbone.tokenizer.pad_token_id)
+        return ids.to(self.backbone.device), mask.to(self.backbone.device)
+
+    # ---- the two paths ----------------------------------------------------------------------------------
+    def condition(self, ids: Tensor, attention_mask: Tensor) -> Conditioning:
+        """Generation prompt -> decoder conditioning (backbone hidden states through the connector)."""
+        hidden, _ = self.backbone.hidden_states(ids, attention_mask)
+        return self.connector(hidden.to(next(self.connector.parameters()).dtype), attention_mask.bool())
+
+    def diffusion_loss(self, ids: Tensor, attention_mask: Tensor, latents: Tensor,
+                       generator: Optional[torch.Generator] = None) -> Tensor:
+        return self.decoder.loss(latents, self.condition(ids, attention_mask), generator=generator)
+
+    def understanding_loss(self, ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        return self.backbone.understanding_loss(ids, attention_mask, labels)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The optimizer's allow-list: parameters flagged trainable, and nothing else."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> "UnifiedModel":
+        super().train(mode)
+        self.decoder.eval()  # frozen parts stay in eval under Lightning
+        return self

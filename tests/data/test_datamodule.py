@@ -1,0 +1,143 @@
+"""ConceptDataModule: dynamic padding, answer-only labels, cached features, mixing, DDP shards, resume."""
+
+import collections
+
+import pytest
+import torch
+from PIL import Image
+
+from unipers.config import load_config
+from unipers.data.datamodule import ConceptDataModule
+from unipers.data.prepare import prepare_concept
+from unipers.data.sampler import MixtureSampler
+from unipers.models.unified import UnifiedModel
+
+
+def photos(folder, colour, n=5):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        im = Image.new("RGB", (96 + 8 * i, 96), colour)
+        im.paste((255 - i * 30, 20 * i, 128), (10 + 5 * i, 20, 50 + 5 * i, 70))
+        im.save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    facts = root / "facts.txt"
+    facts.write_text("<bo> has a red collar.\n<bo> is 3 years old.\n")
+    bo = prepare_concept(photos(root / "bo_photos", (200, 120, 40)), "bo", root / "bo", class_word="dog", facts=facts)
+    mam = prepare_concept(photos(root / "mam_photos", (40, 80, 200)), "mam", root / "mam", class_word="cat")
+    return [bo, mam]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dirs):
+    m = UnifiedModel.from_config(load_config([], ["bank.num_shared=2", "bank.num_und=2", "bank.num_gen=2"]))
+    m.add_concept("bo", "dog")
+    m.add_concept("mam", "cat")
+    return m
+
+
+def datamodule(prepared, model, **kw):
+    dm = ConceptDataModule(prepared, batch_size=kw.pop("batch_size", 6), seed=kw.pop("seed", 0), **kw)
+    dm.attach(model)
+    return dm
+
+
+def test_batches_are_dynamically_padded_with_answer_only_labels(prepared, model):
+    dm = datamodule(prepared, model)
+    tok = model.backbone.tokenizer
+    seen_tasks = set()
+    for batch, _ in zip(dm.train_dataloader(), range(6)):
+        und = batch.get("und")
+        if und is None:
+            continue
+        lengths = und["attention_mask"].sum(1)
+        assert und["ids"].shape[1] == lengths.max()  # padded to this batch's longest, not a fixed length
+        for row in range(len(lengths)):
+            answer = und["labels"][row][und["labels"][row] != -100].tolist()
+            assert answer[-1] == tok.eos_token_id
+            ids = und["ids"][row][: lengths[row]].tolist()
+            assert ids[-len(answer):] == answer and ids[-len(answer) - 1] == tok.sep_token_id
+        seen_tasks.update(und["task"])
+        if "gen" in batch:
+            gen = batch["gen"]
+            d = model.decoder
+            assert gen["latents"].shape[1:] == (d.latent_channels, d.latent_size, d.latent_size)
+    assert "recognition" in seen_tasks
+
+
+def test_each_row_carries_its_concept(prepared, model):
+    dm = datamodule(prepared, model, task_weights={"qa": 1.0, "caption": 1.0})
+    batch = next(iter(dm.train_dataloader()))
+    rows = [r for r in dm.train_records if r.sample.task in ("qa", "caption")]
+    assert {r.sample.concept for r in rows} == {"bo", "mam"}
+    info = model.bank.info
+    for ids, concept in zip(batch["und"]["ids"], batch["concepts"]):
+        assert info[concept].first_id in ids.tolist()
+
+
+def test_image_features_are_cached_on_disk_and_reused(prepared, model, monkeypatch):
+    datamodule(prepared, model)
+    assert list((prepared[0] / "cache").glob("image_tokens-*.safetensors"))
+    assert list((prepared[0] / "cache").glob("latents-*.safetensors"))
+
+    def boom(*a, **k):
+        raise AssertionError("re-encoded an image that was cached")
+
+    monkeypatch.setattr(model.backbone, "encode_images", boom)
+    monkeypatch.setattr(model.decoder, "encode_images", boom)
+    datamodule(prepared, model)  # a second run reads the caches
+
+
+def test_seeded_and_deterministic(prepared, model):
+    def first_batches(seed):
+        dm = datamodule(prepared, model, seed=seed)
+        return [b["concepts"] for b, _ in zip(dm.train_dataloader(), range(4))]
+
+    assert first_batches(0) == first_batches(0)
+    assert first_batches(0) != first_batches(1)
+
+
+def test_mixing_ratios_are_followed():
+    tasks = ["recognition"] * 50 + ["qa"] * 5 + ["generation"] * 20
+    s = MixtureSampler(tasks, {"recognition": 0.5, "qa": 0.25, "generation": 0.25, "caption": 1.0},
+                       num_samples=4000, seed=3)
+    counts = collections.Counter(tasks[i] for i in s)
+    assert abs(counts["recognition"] / 4000 - 0.5) < 0.03
+    assert abs(counts["qa"] / 4000 - 0.25) < 0.03  # the small task is cycled, not starved
+    with pytest.raises(ValueError, match="unknown task"):
+        MixtureSampler(tasks, {"recogniton": 1.0})
+    with pytest.raises(ValueError, match="no task has both"):
+        MixtureSampler(tasks, {"caption": 1.0})
+
+
+def test_ddp_ranks_split_one_epoch():
+    tasks = ["qa", "recognition"] * 21
+    weights = {"qa": 1.0, "recognition": 1.0}
+    one = list(MixtureSampler(tasks, weights, seed=5))
+    ranks = [list(MixtureSampler(tasks, weights, num_replicas=2, rank=r, seed=5)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 21
+    assert [x for pair in zip(*ranks) for x in pair] == one
+
+
+def test_sampler_and_loader_resume_exactly(prepared, model):
+    dm = datamodule(prepared, model, batch_size=2)
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    expected = [next(it)["concepts"] for _ in range(3)]
+    resumed = datamodule(prepared, model, batch_size=2).train_dataloader()
+    resumed.load_state_dict(state)
+    it2 = iter(resumed)
+    assert [next(it2)["concepts"] for _ in range(3)] == expected
+
+
+def test_missing_or_unprepared_folder(tmp_path, model):
+    with pytest.raises(FileNotFoundError, match="not a prepared concept folder"):
+        ConceptDataModule([tmp_path])
+    with pytest.raises(ValueError, match="no concept folders"):
+        ConceptDataModule([])

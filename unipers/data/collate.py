@@ -1,0 +1,144 @@
+"""From manifest records to model batches: cached image features, prompt layouts, dynamic padding.
+
+A batch is a dict with up to two parts, each padded only to its own longest sequence:
+
+    "und": ids, attention_mask, labels (answer tokens only), task   -> understanding loss
+    "gen": ids, attention_mask, latents, gen_slots                  -> diffusion loss
+
+Images are never decoded per step: image tokens (VQ) and decoder latents are computed once per image and
+model fingerprint, and stored beside the prepared folder (``cache/``), so later runs reuse them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from unipers.concepts.prompts import IMAGE_MARKER, PromptBuilder
+from unipers.data.manifest import Sample
+from unipers.models.unified import pad_batch
+
+UNDERSTANDING_TASKS = ("recognition", "qa", "vqa", "caption")
+
+
+@dataclass(frozen=True)
+class Record:
+    """A manifest sample and the prepared folder its image path is relative to."""
+
+    sample: Sample
+    root: Path
+
+    @property
+    def image_key(self) -> str | None:
+        return str(self.root / self.sample.image) if self.sample.image else None
+
+
+def question_text(sample: Sample) -> str:
+    """The question side of an understanding sample, image placeholder first (Chameleon order)."""
+    text = sample.question or ""
+    if sample.options:
+        text += "".join(f"\n{k}. {v}" for k, v in sorted(sample.options.items())) + "\nAnswer with the letter."
+    if sample.image and IMAGE_MARKER not in text:
+        text = f"{IMAGE_MARKER}\n{text}"
+    return text
+
+
+class Collator:
+    def __init__(self, prompts: PromptBuilder, pad_id: int, image_tokens: Mapping[str, Tensor],
+                 latents: Mapping[str, Tensor]):
+        self.prompts, self.pad_id = prompts, pad_id
+        self.image_tokens, self.latents = image_tokens, latents
+
+    def __call__(self, records: Sequence[Record]) -> dict:
+        und = [r for r in records if r.sample.task in UNDERSTANDING_TASKS]
+        gen = [r for r in records if r.sample.task == "generation"]
+        batch: dict = {"concepts": [r.sample.concept for r in records]}
+        if und:
+            enc = [self.prompts.encode_qa(question_text(r.sample), r.sample.answer,
+                                          images=[self.image_tokens[r.image_key]] if r.image_key else ())
+                   for r in und]
+            ids, mask = pad_batch([e.ids for e in enc], self.pad_id)
+            labels, _ = pad_batch([e.labels for e in enc], 0, labels=True)
+            batch["und"] = {"ids": ids, "attention_mask": mask, "labels": labels,
+                            "task": [r.sample.task for r in und]}
+        if gen:
+            seqs = [self.prompts.encode(r.sample.prompt, mode="gen", gen_slots=r.sample.gen_slots) for r in gen]
+            ids, mask = pad_batch(seqs, self.pad_id)
+            batch["gen"] = {"ids": ids, "attention_mask": mask,
+                            "latents": torch.stack([self.latents[r.image_key] for r in gen]),
+                            "gen_slots": [r.sample.gen_slots for r in gen]}
+        return batch
+
+
+# ---- feature caches ------------------------------------------------------------------------------------
+def _load_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _decoder_pixels(path: str, size: int) -> Tensor:
+    from torchvision.transforms import functional as TF
+
+    im = _load_rgb(path)
+    im = TF.center_crop(TF.resize(im, size, antialias=True), [size, size])
+    return TF.to_tensor(im) * 2 - 1
+
+
+def cached_features(keys: Sequence[str], kind: str, fingerprint: str, compute, batch_size: int = 32) -> dict[str, Tensor]:
+    """{image path: feature}, computed once per (image, model) and stored in ``<folder>/cache/``.
+
+    `compute(paths) -> Tensor` runs the frozen encoder on a batch. Each prepared folder keeps its own file,
+    ``cache/<kind>-<fingerprint>.safetensors``, keyed by the path relative to the folder.
+    """
+    from safetensors.torch import load_file
+
+    from unipers.io import save_safetensors_atomic
+
+    by_root: dict[Path, list[str]] = {}
+    for key in dict.fromkeys(keys):
+        path = Path(key)
+        root = next((p for p in path.parents if (p / "manifest.jsonl").is_file()), path.parent)
+        by_root.setdefault(root, []).append(key)
+    out: dict[str, Tensor] = {}
+    for root, group in by_root.items():
+        file = root / "cache" / f"{kind}-{fingerprint}.safetensors"
+        stored = load_file(str(file)) if file.is_file() else {}
+        rel = {k: str(Path(k).relative_to(root)) for k in group}
+        missing = [k for k in group if rel[k] not in stored]
+        for i in range(0, len(missing), batch_size):
+            chunk = missing[i:i + batch_size]
+            with torch.no_grad():
+                feats = compute(chunk).cpu()
+            stored.update({rel[k]: f.contiguous() for k, f in zip(chunk, feats)})
+        if missing:
+            save_safetensors_atomic(stored, file)
+        out.update({k: stored[rel[k]] for k in group})
+    return out
+
+
+def image_token_cache(model, keys: Sequence[str]) -> dict[str, Tensor]:
+    """VQ image tokens for every image, through the backbone's own processor."""
+    bb = model.backbone
+
+    def compute(paths):
+        pixels = bb.processor.image_processor(images=[_load_rgb(p) for p in paths], return_tensors="pt").pixel_values
+        return bb.encode_images(pixels)
+
+    return cached_features(keys, "image_tokens", bb.base_fingerprint, compute)
+
+
+def latent_cache(model, keys: Sequence[str]) -> dict[str, Tensor]:
+    """Decoder latents (VAE mean) at the decoder's resolution for every generation target."""
+    dec = model.decoder
+
+    def compute(paths):
+        pixels = torch.stack([_decoder_pixels(p, dec.image_size) for p in paths])
+        return dec.encode_images(pixels.to(dec.device, dec.dtype)).float()
+
+    return cached_features(keys, "latents", model.decoder_fingerprint, compute)

@@ -55,13 +55,17 @@ def other_backbone_dir(tmp_path_factory):
     return build_tiny_chameleon(tmp_path_factory.mktemp("other") / "backbone", seed=1)
 
 
-def qa_batch(backbone, items, mode="und"):
-    """Right-padded (ids, mask, labels) for [(question, answer), ...] through the PromptBuilder."""
+@pytest.fixture(scope="session")
+def qa_batch():
+    """qa_batch(backbone, [(question, answer), ...]) -> right-padded (ids, mask, labels)."""
     from unipers.concepts.prompts import PromptBuilder
     from unipers.models.unified import pad_batch
 
-    builder = PromptBuilder.for_backbone(backbone)
-    enc = [builder.encode_qa(q, a, mode=mode) for q, a in items]
-    ids, mask = pad_batch([e.ids for e in enc], backbone.tokenizer.pad_token_id)
-    labels, _ = pad_batch([e.labels for e in enc], 0, labels=True)
-    return ids, mask, labels
+    def make(backbone, items, mode="und"):
+        builder = PromptBuilder.for_backbone(backbone)
+        enc = [builder.encode_qa(q, a, mode=mode) for q, a in items]
+        ids, mask = pad_batch([e.ids for e in enc], backbone.tokenizer.pad_token_id)
+        labels, _ = pad_batch([e.labels for e in enc], 0, labels=True)
+        return ids, mask, labels
+
+    return make

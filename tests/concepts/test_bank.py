@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import qa_batch
 from unipers.concepts.bank import GROUPS
 from unipers.concepts.names import ConceptNameError
 from unipers.concepts.prompts import PromptBuilder, PromptError
@@ -18,7 +17,7 @@ def changed(before, module):
     return {k for k in before if not torch.equal(before[k], after[k])}
 
 
-def test_only_rows_in_batch_change_with_weight_decay(make_backbone):
+def test_only_rows_in_batch_change_with_weight_decay(make_backbone, qa_batch):
     bb = make_backbone()
     bb.add_concept("bo", "dog")
     bb.add_concept("mam", "cat")

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import qa_batch
 from unipers.concepts.prompts import PromptBuilder
 from unipers.models.unified import pad_batch
 
@@ -23,7 +22,7 @@ def test_padded_batch_equals_single_sequences(make_backbone, side):
         assert torch.allclose(hidden[row][valid], alone[0], atol=1e-5)
 
 
-def test_understanding_loss_is_nll_of_answer_tokens_only(make_backbone):
+def test_understanding_loss_is_nll_of_answer_tokens_only(make_backbone, qa_batch):
     bb = make_backbone()
     bb.add_concept("bo", "dog")
     ids, mask, labels = qa_batch(bb, [("Is <bo> here?", "Yes."), ("What is <bo> doing?", "<bo> is sleeping.")])

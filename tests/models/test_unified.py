@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from conftest import qa_batch
 from unipers.concepts.io import ConceptFileError
 from unipers.config import load_config
 from unipers.models.unified import UnifiedModel
@@ -35,7 +34,7 @@ def test_diffusion_loss_reaches_generation_and_shared_slots_only(model):
     assert all(p.grad is None for p in model.decoder.parameters())
 
 
-def test_understanding_loss_reaches_understanding_and_shared_slots_only(model):
+def test_understanding_loss_reaches_understanding_and_shared_slots_only(model, qa_batch):
     model.understanding_loss(*qa_batch(model.backbone, [("Is <bo> here?", "Yes, <bo> is here.")])).backward()
     embed, head = grads(model)
     assert embed == {"identifier": True, "shared": True, "und": True, "gen": False}

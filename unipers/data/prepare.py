@@ -1,0 +1,392 @@
+"""``unipers prepare``: turn a folder of photos into a prepared concept folder (manifest + images).
+
+    unipers prepare photos/bo --name bo --class-word dog --facts bo_facts.txt \\
+        --negatives /data/pool --clip /models/clip-vit-large-patch14 --out data/bo --seed 0
+    unipers prepare --from-yollava yollava-data --name bo --out data/yollava      # see importers.py
+    unipers prepare --from-yochameleon bo_train.json --name bo --out data/bo_yc
+
+Python: ``prepare_concept(photos_dir, name, out_dir, ...) -> Path``. Photos are validated (images.py),
+split into train/val (seeded; validation photos are held out of training), negatives and soft positives
+retrieved from a pool with CLIP (retrieval.py), samples generated (samples.py) and everything written
+to a temporary folder that replaces OUT in one rename (manifest.py). Identical inputs and seed give
+byte-identical ``manifest.jsonl`` and ``concept.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass
+class PrepareOptions:
+    """Settings of ``prepare`` beyond the common keyword arguments; the defaults suit 3-10 photos."""
+
+    max_side: int = 1024
+    """photos larger than this (longest side, px) are downscaled"""
+    min_side: int = 64
+    """photos smaller than this (shortest side, px) are refused"""
+    min_val: int = 1
+    """at least this many validation photos when there are >= 3 photos and val_fraction > 0"""
+    n_hard: int = 100
+    """hard negatives: the most CLIP-similar pool images after the soft positives"""
+    n_easy: int = 100
+    """easy negatives: drawn at random (seeded) from the rest of the pool"""
+    n_soft: int = 20
+    """soft positives: the most similar pool images, trained as generation targets with fewer slots"""
+    near_duplicate: float = 0.95
+    """pool images above this cosine to any concept photo are treated as the concept and left out"""
+    soft_range: tuple[float, float] | None = None
+    """similarity range mapped linearly to [1, num_gen_slots]; None = the soft positives' own min..max"""
+    num_gen_slots: int = 8
+    """generation slots of a concept (a soft positive's prompt uses 1..num_gen_slots of them)"""
+    batch_size: int = 32
+    """CLIP embedding batch size"""
+    num_workers: int = 0
+    """DataLoader workers decoding pool images"""
+    device: str | None = None
+    """CLIP device; None = cuda if available else cpu"""
+    clip_cache: Path | None = None
+    """embedding cache folder when the pool is read-only; None = .unipers_clip_cache beside OUT"""
+    questions_per_photo: int = 4
+    """minimum recognition questions per positive photo (more when there are many negatives)"""
+    neg_per_pos: float = 1.0
+    """negative recognition samples per positive recognition sample"""
+    captions_per_photo: int = 2
+    """distinct caption templates per photo"""
+    quiet: bool = False
+    """no progress bar"""
+
+
+@dataclass
+class ConceptInputs:
+    """Everything ``build_prepared`` writes, gathered by ``prepare_concept`` or an importer."""
+
+    name: str
+    train: list  # list[Photo]
+    val: list = field(default_factory=list)
+    test: list = field(default_factory=list)
+    test_negatives: list = field(default_factory=list)  # paths: other concepts' test photos
+    given_negatives: list = field(default_factory=list)  # paths (e.g. Yo'LLaVA negative_example/)
+    generate_samples: bool = True  # False: only extra_samples (an importer brings its own)
+    class_word: str | None = None
+    facts: list = field(default_factory=list)
+    fact_pairs: list = field(default_factory=list)
+    facts_source: str | None = None
+    extra_samples: list = field(default_factory=list)  # Samples whose image is a source path
+    photo_report: dict = field(default_factory=dict)  # skipped / duplicates / ignored
+    issues: list = field(default_factory=list)  # importer problems, {"where", "problem"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("photos", nargs="?", type=Path, metavar="PHOTOS_DIR", help="folder with 3-10 photos of the concept")
+    a("--name", help="concept name, written as <NAME> in all text (e.g. bo)")
+    a("--class-word", help="what the concept is (dog, mug, person); used in captions")
+    a("--facts", type=Path, help="text file with one fact per line, or a JSON list of {question, answer}")
+    a("--negatives", type=Path, metavar="POOL_DIR", help="image folder tree to draw negatives / soft positives from")
+    a("--clip", type=Path, metavar="PATH", help="local CLIP folder (CLIPVisionModelWithProjection + processor)")
+    a("--out", type=Path, help="output folder (default: data/NAME)")
+    a("--seed", type=int, default=0)
+    a("--val-fraction", type=float, default=0.2, help="share of photos held out for validation")
+    a("--skip-bad", action="store_true", help="skip (and report) unreadable or too small photos instead of failing")
+    a("--overwrite", action="store_true", help="replace an existing output folder")
+    d = PrepareOptions()
+    g = p.add_argument_group("photos and retrieval").add_argument
+    g("--max-side", type=int, default=d.max_side, help="downscale photos larger than this")
+    g("--min-side", type=int, default=d.min_side, help="refuse photos smaller than this (short side)")
+    g("--hard", type=int, default=d.n_hard, help="hard negatives")
+    g("--easy", type=int, default=d.n_easy, help="random easy negatives")
+    g("--soft", type=int, default=d.n_soft, help="soft positives")
+    g("--near-duplicate", type=float, default=d.near_duplicate,
+      help="cosine above which a pool image counts as the concept itself")
+    g("--soft-range", type=float, nargs=2, metavar=("LO", "HI"), help="similarity range mapped to 1..--gen-slots")
+    g("--gen-slots", type=int, default=d.num_gen_slots, help="generation slots of a concept")
+    g("--batch-size", type=int, default=d.batch_size)
+    g("--num-workers", type=int, default=d.num_workers)
+    g("--device", help="CLIP device (default: cuda if available)")
+    g("--clip-cache", type=Path, help="embedding cache folder if the pool is read-only")
+    g("--quiet", action="store_true", help="no progress bar")
+    i = p.add_argument_group("importers (see unipers/data/importers.py)").add_argument
+    i("--from-yollava", type=Path, metavar="ROOT", help="Yo'LLaVA data folder; --name picks one concept (default: all)")
+    i("--visual-qa", type=Path, help="Yo'LLaVA visual QA JSON (default: ROOT/yollava-visual-qa.json)")
+    i("--text-qa", type=Path, help="Yo'LLaVA text QA JSON (default: ROOT/yollava-text-qa.json)")
+    i("--from-yochameleon", type=Path, nargs="+", metavar="JSON", help="Yo'Chameleon training JSON file(s)")
+    i("--image-root", type=Path, help="folder that relative --from-yochameleon image paths are resolved against")
+
+
+def options_from_args(a: argparse.Namespace) -> PrepareOptions:
+    return PrepareOptions(max_side=a.max_side, min_side=a.min_side, n_hard=a.hard, n_easy=a.easy, n_soft=a.soft,
+                          near_duplicate=a.near_duplicate, soft_range=tuple(a.soft_range) if a.soft_range else None,
+                          num_gen_slots=a.gen_slots, batch_size=a.batch_size, num_workers=a.num_workers,
+                          device=a.device, clip_cache=a.clip_cache, quiet=a.quiet)
+
+
+def main(args: argparse.Namespace) -> int:
+    from unipers.data.images import PhotoError
+
+    opts = options_from_args(args)
+    sources = [x for x in (args.photos, args.from_yollava, args.from_yochameleon) if x]
+    try:
+        if len(sources) != 1:
+            raise ValueError("give exactly one of PHOTOS_DIR, --from-yollava, --from-yochameleon")
+        if args.from_yollava:
+            from unipers.data.importers import import_yollava
+
+            outs = import_yollava(args.from_yollava, args.out or Path("data/yollava"),
+                                  concepts=[args.name] if args.name else None, visual_qa=args.visual_qa,
+                                  text_qa=args.text_qa, seed=args.seed, negatives=args.negatives, clip_path=args.clip,
+                                  skip_bad=args.skip_bad, overwrite=args.overwrite, options=opts)
+        else:
+            if not args.name:
+                raise ValueError("--name is required")
+            out = args.out or Path("data") / args.name
+            if args.from_yochameleon:
+                from unipers.data.importers import import_yochameleon
+
+                outs = [import_yochameleon(args.from_yochameleon, args.name, out, image_root=args.image_root,
+                                           seed=args.seed, overwrite=args.overwrite)]
+            else:
+                outs = [prepare_concept(args.photos, args.name, out, class_word=args.class_word, facts=args.facts,
+                                        negatives=args.negatives, clip_path=args.clip, seed=args.seed,
+                                        val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+                                        overwrite=args.overwrite, options=opts)]
+    except (PhotoError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"unipers prepare: error: {e}", file=sys.stderr)
+        return 2
+    for out in outs:
+        print((out / "report.txt").read_text(encoding="utf-8"), end="")
+        print(f"wrote {out}\n")
+    return 0
+
+
+def split_indices(n: int, val_fraction: float, seed: int, min_val: int = 1) -> tuple[list[int], list[int]]:
+    """(train, val) indices: round(n * val_fraction) validation photos, at least ``min_val`` when n >= 3
+    and val_fraction > 0, always at least one train photo. Seeded; both lists sorted."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = round(n * val_fraction)
+    if val_fraction > 0 and n >= 3:
+        n_val = max(n_val, min_val)
+    n_val = max(0, min(n_val, n - 1))
+    val = sorted(random.Random(f"{seed}/split").sample(range(n), n_val))
+    return [i for i in range(n) if i not in set(val)], val
+
+
+def prepare_concept(photos_dir: Path | str, name: str, out_dir: Path | str, *, class_word: str | None = None,
+                    facts: Path | str | None = None, negatives: Path | str | None = None,
+                    clip_path: Path | str | None = None, seed: int = 0, val_fraction: float = 0.2,
+                    skip_bad: bool = False, overwrite: bool = False, options: PrepareOptions | None = None) -> Path:
+    """Validate the photos in ``photos_dir``, split them, retrieve negatives / soft positives when both
+    ``negatives`` (pool folder) and ``clip_path`` are given, and write the prepared folder ``out_dir``.
+
+    Raises ``PhotoError`` (naming the file or folder), ``FileExistsError`` (``out_dir`` exists and not
+    ``overwrite``) or ``ValueError``; on any failure ``out_dir`` is left as it was."""
+    from unipers.data.images import load_photos
+    from unipers.data.samples import check_name, read_facts
+
+    opts = options or PrepareOptions()
+    check_name(name)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:  # fail before the slow part
+        raise FileExistsError(f"output folder already exists: {out_dir} (use --overwrite to replace it)")
+    photos = load_photos(photos_dir, max_side=opts.max_side, min_side=opts.min_side, skip_bad=skip_bad)
+    tr, va = split_indices(len(photos.photos), val_fraction, seed, opts.min_val)
+    fact_list, pairs = read_facts(facts, name) if facts else ([], [])
+    inputs = ConceptInputs(
+        name=name, train=[photos.photos[i] for i in tr], val=[photos.photos[i] for i in va], class_word=class_word,
+        facts=fact_list, fact_pairs=pairs, facts_source=Path(facts).name if facts else None,
+        photo_report={"skipped": photos.skipped, "duplicates": photos.duplicates, "ignored": photos.ignored})
+    return build_prepared(inputs, out_dir, seed=seed, val_fraction=val_fraction, negatives=negatives,
+                          clip_path=clip_path, overwrite=overwrite, options=opts)
+
+
+class _ImageWriter:
+    """Writes normalized PNGs into OUT/images and remembers where each came from."""
+
+    def __init__(self, root: Path, max_side: int):
+        self.root, self.max_side = root, max_side
+        self.sources: dict[str, str] = {}  # "images/x.png" -> source file
+        self.unreadable: list[dict] = []
+        self._by_source: dict[str, str] = {}
+        (root / "images").mkdir()
+
+    def put(self, img, rel: str, src) -> str:
+        from unipers.data.images import save_png
+
+        save_png(img, self.root / rel)
+        self.sources[rel] = str(src)
+        self._by_source[str(Path(src).resolve())] = rel
+        return rel
+
+    def copy(self, src, prefix: str, n: int) -> str | None:
+        """Decode one source file (only now, one at a time: memory stays flat) and save it."""
+        from unipers.data.images import PhotoError, open_rgb
+
+        try:
+            return self.put(open_rgb(src, max_side=self.max_side), f"images/{prefix}_{n:03d}.png", src)
+        except PhotoError as e:
+            self.unreadable.append({"file": e.file, "reason": e.reason})
+            return None
+
+    def copy_all(self, srcs, prefix: str) -> list[str]:
+        out: list[str] = []
+        for src in srcs:
+            if rel := self.copy(src, prefix, len(out)):
+                out.append(rel)
+        return out
+
+    def saved(self, src) -> str | None:
+        return self._by_source.get(str(Path(src).resolve()))
+
+
+def split_negatives(negs: list[str], has_val: bool, val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out negatives like photos, so validation recognition has unseen negatives too."""
+    n_val = min(len(negs) - 1, max(1, round(len(negs) * val_fraction))) if has_val and len(negs) > 1 else 0
+    pick = set(random.Random(f"{seed}/neg-split").sample(range(len(negs)), n_val))
+    return [n for i, n in enumerate(negs) if i not in pick], [n for i, n in enumerate(negs) if i in pick]
+
+
+def generate_samples(inp: ConceptInputs, images: dict, soft: list[dict], seed: int, opts: PrepareOptions) -> list:
+    """All generated samples, grouped by task and split, in a fixed order (one seeded RNG stream)."""
+    from unipers.data import samples as S
+
+    rng = random.Random(f"{seed}/samples")
+    out = []
+    for split in ("train", "val"):
+        pos, neg = images[split], images[f"{split}_negatives"]
+        per_pos, n_neg = S.balanced_counts(len(pos), len(neg), questions_per_photo=opts.questions_per_photo,
+                                           neg_per_pos=opts.neg_per_pos)
+        out += S.recognition_samples(inp.name, pos, neg, split, rng, per_positive=per_pos, n_negative=n_neg)
+    if images["test"]:  # benchmark protocol: every test image is asked once
+        out += S.recognition_samples(inp.name, images["test"], images["test_negatives"], "test", rng,
+                                     per_positive=1, n_negative=len(images["test_negatives"]))
+    out += S.qa_samples(inp.name, inp.facts, inp.fact_pairs, rng, source=inp.facts_source)
+    for split in ("train", "val", "test"):
+        out += S.caption_samples(inp.name, inp.class_word, images[split], split, rng,
+                                 per_image=opts.captions_per_photo if split == "train" else 1)
+    for split in ("train", "val", "test"):
+        out += S.generation_samples(inp.name, images[split], split)
+    return out + S.soft_positive_samples(inp.name, soft)
+
+
+def _imported_samples(extra: list, writer: _ImageWriter, issues: list[dict]) -> list:
+    """Importer records point at source files: map them to the saved copies (copying new ones)."""
+    out, n_extra = [], 0
+    for s in extra:
+        if s.image is not None:
+            rel = writer.saved(s.image)
+            if rel is None:
+                rel = writer.copy(s.image, "extra", n_extra)
+                if rel is None:
+                    issues.append({"where": s.source or str(s.image), "problem": f"unreadable image {s.image}"})
+                    continue
+                n_extra += 1
+            s = dataclasses.replace(s, image=rel)
+        out.append(s)
+    return out
+
+
+def build_prepared(inp: ConceptInputs, out_dir: Path, *, seed: int, val_fraction: float, negatives=None,
+                   clip_path=None, overwrite: bool = False, options: PrepareOptions | None = None) -> Path:
+    """Retrieve, generate samples and write the prepared folder for already-loaded photos."""
+    from unipers import __version__
+    from unipers.data.manifest import atomic_dir, write_json, write_manifest
+    from unipers.data.retrieval import retrieve_for_concept
+
+    opts = options or PrepareOptions()
+    out_dir = Path(out_dir).absolute()
+    found = retrieve_for_concept([p.image for p in inp.train], [p.image for p in inp.train + inp.val], negatives,
+                                 clip_path, seed=seed, options=opts, out_dir=out_dir)
+    neg_sources = [(Path(p), "given", None) for p in inp.given_negatives] + found.negatives
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        w = _ImageWriter(tmp, opts.max_side)
+        images = {role: [w.put(p.image, f"images/{role}_{i:03d}.png", p.path) for i, p in enumerate(getattr(inp, role))]
+                  for role in ("train", "val", "test")}
+        images["test_negatives"] = w.copy_all(inp.test_negatives, "testneg")
+        negs, neg_info = [], []
+        for src, kind, sim in neg_sources:
+            if rel := w.copy(src, "neg", len(negs)):
+                negs.append(rel)
+                neg_info.append({"image": rel, "kind": kind, **({"similarity": sim} if sim is not None else {})})
+        soft = []
+        for src, sim, slots in found.soft:
+            if rel := w.copy(src, "soft", len(soft)):
+                soft.append({"image": rel, "similarity": sim, "gen_slots": slots})
+        images["train_negatives"], images["val_negatives"] = split_negatives(negs, bool(images["val"]), val_fraction,
+                                                                             seed)
+        samples = generate_samples(inp, images, soft, seed, opts) if inp.generate_samples else []
+        issues = list(inp.issues)
+        samples += _imported_samples(inp.extra_samples, w, issues)
+        concept = {
+            "name": inp.name, "class_word": inp.class_word, "seed": seed, "unipers_version": __version__,
+            "train": images["train"], "val": images["val"], "test": images["test"],
+            "negatives": images["train_negatives"], "val_negatives": images["val_negatives"],
+            "test_negatives": images["test_negatives"], "soft_positives": soft,
+            "facts": inp.facts or inp.fact_pairs,
+            "skipped": inp.photo_report.get("skipped", []), "duplicates": inp.photo_report.get("duplicates", []),
+            "ignored": inp.photo_report.get("ignored", []), "unreadable_pool_files": w.unreadable,
+            "retrieval": found.summary, "negative_details": neg_info, "import_issues": issues,
+            "settings": {"val_fraction": val_fraction, "max_side": opts.max_side, "min_side": opts.min_side,
+                         "num_gen_slots": opts.num_gen_slots, "questions_per_photo": opts.questions_per_photo,
+                         "neg_per_pos": opts.neg_per_pos, "captions_per_photo": opts.captions_per_photo},
+            "sources": w.sources,
+        }
+        write_json(tmp / "concept.json", concept)
+        write_manifest(tmp / "manifest.jsonl", samples)
+        (tmp / "report.txt").write_text(format_report(concept, samples, found.notes), encoding="utf-8")
+    return out_dir
+
+
+def format_report(concept: dict, samples: Sequence, notes: Sequence[str] = ()) -> str:
+    """report.txt: short human-readable counts (also printed by the CLI)."""
+    cw = f" ({concept['class_word']})" if concept.get("class_word") else ""
+    lines = [f"concept <{concept['name']}>{cw}, seed {concept['seed']}"]
+    n_kept = len(concept["train"]) + len(concept["val"]) + len(concept["test"])
+    lines.append(f"photos: {n_kept} kept, {len(concept['skipped'])} skipped, "
+                 f"{len(concept['duplicates'])} duplicate(s), {len(concept['ignored'])} non-image file(s) ignored")
+    lines += [f"  skipped   {d['file']}: {d['reason']}" for d in concept["skipped"]]
+    lines += [f"  duplicate {d['file']} (same pixels as {d['same_as']})" for d in concept["duplicates"]]
+    lines += [f"  ignored   {f}" for f in concept["ignored"]]
+    split = f"split: {len(concept['train'])} train, {len(concept['val'])} val"
+    lines.append(split + (f", {len(concept['test'])} test" if concept["test"] else ""))
+    r = concept["retrieval"]
+    if "skipped" in r:
+        lines.append(f"retrieval: skipped ({r['skipped']})")
+    else:
+        lines.append(f"retrieval: pool {r['pool']} ({r['pool_size']} images), "
+                     f"{len(r['near_duplicates'])} near-duplicate(s) of the concept excluded, "
+                     f"{len(r['unreadable'])} unreadable")
+    kinds: dict[str, int] = {}
+    for d in concept["negative_details"]:
+        kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+    by_kind = ", ".join(f"{v} {k}" for k, v in kinds.items()) or "none"
+    lines.append(f"negatives: {len(concept['negatives'])} train + {len(concept['val_negatives'])} val ({by_kind})"
+                 + (f"; {len(concept['test_negatives'])} test" if concept["test_negatives"] else ""))
+    soft = concept["soft_positives"]
+    if soft:
+        sims, slots = [s["similarity"] for s in soft], [s["gen_slots"] for s in soft]
+        lines.append(f"soft positives: {len(soft)} (similarity {min(sims):.3f}-{max(sims):.3f}, "
+                     f"gen slots {min(slots)}-{max(slots)})")
+    else:
+        lines.append("soft positives: none")
+    lines.append(f"facts: {len(concept['facts'])}")
+    lines += [f"note: {n}" for n in notes]
+    if concept["import_issues"]:
+        lines.append(f"import issues: {len(concept['import_issues'])}")
+        lines += [f"  {d['where']}: {d['problem']}" for d in concept["import_issues"]]
+    counts: dict[tuple[str, str], int] = {}
+    for s in samples:
+        counts[(s.task, s.split)] = counts.get((s.task, s.split), 0) + 1
+    splits = [sp for sp in ("train", "val", "test") if any(k[1] == sp for k in counts)]
+    lines.append(f"samples: {len(samples)}")
+    lines.append("  " + "task".ljust(12) + "".join(sp.rjust(7) for sp in splits))
+    for task in ("recognition", "qa", "vqa", "caption", "generation"):
+        if any(k[0] == task for k in counts):
+            lines.append("  " + task.ljust(12) + "".join(str(counts.get((task, sp), 0)).rjust(7) for sp in splits))
+    return "\n".join(lines) + "\n"

@@ -95,11 +95,16 @@ class BankConfig:
 @dataclass
 class DataConfig:
     concepts: list[str] = field(default_factory=list)
-    """Folders written by ``unipers prepare``, one per concept."""
+    """Folders written by ``unipers prepare``, one per concept (several train together)."""
     batch_size: int = 4
     """Samples per batch per device."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    task_weights: dict[str, float] = field(default_factory=lambda: {
+        "recognition": 0.4, "qa": 0.15, "caption": 0.15, "generation": 0.3, "vqa": 0.0})
+    """Mixing ratios of the manifest's tasks (tasks absent from the data drop out)."""
+    pairs: Optional[str] = None
+    """Align only: a folder of images with captions.jsonl, or a glob of WebDataset tar shards."""
 
 
 @dataclass
@@ -112,12 +117,101 @@ class TrainerConfig:
     """Devices per node (one process each)."""
     num_nodes: int = 1
     """Nodes."""
+    strategy: str = "auto"
+    """auto, ddp (frozen base neither broadcast nor all-reduced) or fsdp (shards the frozen base, 30B)."""
     precision: str = "32-true"
-    """Lightning precision, e.g. 32-true or bf16-mixed."""
+    """Lightning precision: 32-true, or bf16-mixed on GPU (autocast)."""
     lr: float = 1e-3
-    """Peak learning rate for concept rows."""
+    """Peak learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay (rows absent from a step are never touched, see ConceptBank)."""
+    gradient_clip_val: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    accumulate_grad_batches: int = 1
+    """Batches per optimizer step."""
+    val_every: int = 50
+    """Validate (and pick the best concept file) every N steps; 0 = never."""
+    limit_val_batches: int = 8
+    """Validation batches per check."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    logger: str = "csv"
+    """csv, tensorboard or wandb."""
+    compile: bool = False
+    """torch.compile the frozen backbone's decoder layers."""
+    progress_bar: bool = True
+    """Console progress bar."""
+
+    def __post_init__(self) -> None:
+        _check_choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
+        _check_choice("trainer.logger", self.logger, ("csv", "tensorboard", "wandb"))
+
+
+@dataclass
+class LossWeights:
+    understanding: float = 1.0
+    """NLL of answer tokens (recognition, QA, captions)."""
+    image_tokens: float = 0.0
+    """AR NLL of the target image's VQ tokens after the generation prompt."""
+    diffusion: float = 1.0
+    """Denoising loss through the frozen connector and decoder."""
+
+
+@dataclass
+class StageConfig:
+    name: str = "joint"
+    """Shown in logs and in the run folder."""
+    steps: int = 0
+    """Optimizer steps of this stage; 0 = until trainer.max_steps (last stage only)."""
+    train: list[str] = field(default_factory=lambda: ["identifier", "shared", "und", "gen"])
+    """Slot groups whose rows train in this stage; the others stay bit-identical."""
+    losses: LossWeights = field(default_factory=LossWeights)
+    """Loss weights of this stage."""
+    tasks: Optional[dict[str, float]] = None
+    """Task mixing for this stage (None = data.task_weights)."""
+    self_prompting: bool = False
+    """Yo'Chameleon: the model writes the concept's prefix itself, as the start of its answer."""
+
+    def __post_init__(self) -> None:
+        bad = [g for g in self.train if g not in ("identifier", "shared", "und", "gen")]
+        if bad:
+            raise ConfigError(f"stage {self.name!r}: unknown slot group(s) {bad} in 'train' "
+                              "(valid: identifier, shared, und, gen)")
+
+
+@dataclass
+class PersonalizeConfig:
+    schedule: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    """Stages run in order; a recipe is a schedule."""
+    warmup_steps: int = 10
+    """Linear LR warm-up at the start of each stage."""
+    lr_schedule: str = "cosine"
+    """cosine (per stage, to 10% of peak) or constant."""
+    save_every: int = 0
+    """Write the concept file every N steps (0 = only at the end and on a new best)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("personalize.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        if not self.schedule:
+            raise ConfigError("personalize.schedule is empty")
+        for stage in self.schedule[:-1]:
+            if stage.steps <= 0:
+                raise ConfigError(f"stage {stage.name!r}: only the last stage may have steps=0")
+
+
+@dataclass
+class AlignConfig:
+    train_decoder: str = "none"
+    """Also train the decoder: none, lora (adapters on UNet attention) or blocks (unfreeze named blocks)."""
+    lora_rank: int = 8
+    """LoRA rank (train_decoder=lora)."""
+    unfreeze_blocks: list[str] = field(default_factory=lambda: ["mid_block"])
+    """UNet submodules to unfreeze (train_decoder=blocks)."""
+    warmup_steps: int = 100
+    """Linear LR warm-up steps."""
+
+    def __post_init__(self) -> None:
+        _check_choice("align.train_decoder", self.train_decoder, ("none", "lora", "blocks"))
 
 
 @dataclass
@@ -126,12 +220,21 @@ class Config:
     """Global seed."""
     run_dir: str = "runs/default"
     """Output folder of a run."""
+    stage: str = "personalize"
+    """What `unipers train` runs: personalize (concept rows) or align (the connector)."""
+    ckpt_path: Optional[str] = None
+    """Resume: "last" (the run folder's newest checkpoint) or a checkpoint file."""
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("stage", self.stage, ("personalize", "align"))
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -171,8 +274,34 @@ def _check_keys(data: dict, source: str, schema: type = Config) -> None:
                 if not isinstance(value, dict):
                     raise ConfigError(f"'{full}' in {source} is a section; give its keys, not a value")
                 walk(value, full + ".")
+            item = _list_item_type(schema, full)
+            if item is not None and isinstance(value, list):
+                for i, element in enumerate(value):
+                    if not isinstance(element, dict):
+                        raise ConfigError(f"'{full}[{i}]' in {source} must be a mapping")
+                    _check_keys(element, f"{source} ({full}[{i}])", item)
 
     walk(data, "")
+
+
+def _list_item_type(schema: type, dotted: str) -> Optional[type]:
+    """The dataclass of a list field's items (e.g. personalize.schedule -> StageConfig), else None."""
+    import typing
+
+    cls: Any = schema
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+        if dataclasses.is_dataclass(cls):
+            continue
+        args = typing.get_args(cls)
+        if i == len(parts) - 1 and typing.get_origin(cls) is list and args and dataclasses.is_dataclass(args[0]):
+            return args[0]
+        return None
+    return None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:

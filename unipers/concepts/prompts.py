@@ -89,10 +89,20 @@ class PromptBuilder:
         self._check_length(ids, text)
         return ids
 
-    def encode_qa(self, question: str, answer: str, *, images: Sequence[Tensor] = (), mode: str = "und") -> Encoded:
-        """A question and its answer: labels only on the answer and its end-of-turn token."""
-        prompt = self.encode(question, mode=mode, images=images) + [self.tokenizer.sep_token_id]
-        answer_ids = self._body(answer, ()) + [self.tokenizer.eos_token_id]
+    def encode_qa(self, question: str, answer: str, *, images: Sequence[Tensor] = (), mode: str = "und",
+                  self_prompt: bool = False) -> Encoded:
+        """A question and its answer: labels only on the answer and its end-of-turn token.
+
+        self_prompt (Yo'Chameleon): the prompt names the concept by its identifier only, and the answer
+        starts with the concept's prefix, so the model learns to recall its own latent tokens.
+        """
+        prompt_mode = "plain" if self_prompt else mode
+        prompt = self.encode(question, mode=prompt_mode, images=images) + [self.tokenizer.sep_token_id]
+        recall: list[int] = []
+        if self_prompt:
+            for name in self.mentioned(question):
+                recall += self.prefix(name, mode) + self._text(" ")
+        answer_ids = recall + self._body(answer, ()) + [self.tokenizer.eos_token_id]
         ids = prompt + answer_ids
         self._check_length(ids, question)
         return Encoded(ids, [IGNORE_INDEX] * len(prompt) + answer_ids)

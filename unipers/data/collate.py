@@ -2,8 +2,9 @@
 
 A batch is a dict with up to two parts, each padded only to its own longest sequence:
 
-    "und": ids, attention_mask, labels (answer tokens only), task   -> understanding loss
-    "gen": ids, attention_mask, latents, gen_slots                  -> diffusion loss
+    "und": ids, attention_mask, labels (answer tokens only), task, label, uid  -> understanding loss
+    "gen": ids, attention_mask, latents, gen_slots, uid                        -> diffusion loss
+    "img": ids, attention_mask, labels (the target's VQ tokens)                -> AR image-token loss
 
 Images are never decoded per step: image tokens (VQ) and decoder latents are computed once per image and
 model fingerprint, and stored beside the prepared folder (``cache/``), so later runs reuse them.
@@ -18,7 +19,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from unipers.concepts.prompts import IMAGE_MARKER, PromptBuilder
+from unipers.concepts.prompts import IGNORE_INDEX, IMAGE_MARKER, Encoded, PromptBuilder
 from unipers.data.manifest import Sample
 from unipers.models.unified import pad_batch
 
@@ -27,10 +28,15 @@ UNDERSTANDING_TASKS = ("recognition", "qa", "vqa", "caption")
 
 @dataclass(frozen=True)
 class Record:
-    """A manifest sample and the prepared folder its image path is relative to."""
+    """A manifest sample, the prepared folder its image path is relative to, and a run-wide id.
+
+    The id seeds the sample's diffusion noise, so a sample draws the same noise whichever rank or batch
+    it lands in (DDP runs match single-process runs; resumed runs match uninterrupted ones).
+    """
 
     sample: Sample
     root: Path
+    uid: int = 0
 
     @property
     def image_key(self) -> str | None:
@@ -47,31 +53,56 @@ def question_text(sample: Sample) -> str:
     return text
 
 
+@dataclass(frozen=True)
+class StageFormat:
+    """How a stage formats its samples."""
+
+    self_prompting: bool = False
+    image_tokens: bool = False  # also build the AR image-token part for generation samples
+
+
 class Collator:
+    """Records (or (record, stage) pairs from a staged MixtureSampler) -> a batch dict."""
+
     def __init__(self, prompts: PromptBuilder, pad_id: int, image_tokens: Mapping[str, Tensor],
-                 latents: Mapping[str, Tensor]):
+                 latents: Mapping[str, Tensor], stages: Sequence[StageFormat] = (StageFormat(),)):
         self.prompts, self.pad_id = prompts, pad_id
         self.image_tokens, self.latents = image_tokens, latents
+        self.stages = list(stages)
 
-    def __call__(self, records: Sequence[Record]) -> dict:
+    def __call__(self, items: Sequence) -> dict:
+        pairs = [it if isinstance(it, tuple) else (it, 0) for it in items]
+        fmt = self.stages[pairs[0][1]]  # a batch never spans two stages (stages start on step boundaries)
+        records = [r for r, _ in pairs]
         und = [r for r in records if r.sample.task in UNDERSTANDING_TASKS]
         gen = [r for r in records if r.sample.task == "generation"]
-        batch: dict = {"concepts": [r.sample.concept for r in records]}
+        batch: dict = {"concepts": [r.sample.concept for r in records], "stage": pairs[0][1]}
         if und:
             enc = [self.prompts.encode_qa(question_text(r.sample), r.sample.answer,
-                                          images=[self.image_tokens[r.image_key]] if r.image_key else ())
+                                          images=[self.image_tokens[r.image_key]] if r.image_key else (),
+                                          self_prompt=fmt.self_prompting)
                    for r in und]
-            ids, mask = pad_batch([e.ids for e in enc], self.pad_id)
-            labels, _ = pad_batch([e.labels for e in enc], 0, labels=True)
-            batch["und"] = {"ids": ids, "attention_mask": mask, "labels": labels,
-                            "task": [r.sample.task for r in und]}
+            batch["und"] = self._pad(enc) | {"task": [r.sample.task for r in und],
+                                             "label": [r.sample.label for r in und], "uid": [r.uid for r in und]}
         if gen:
             seqs = [self.prompts.encode(r.sample.prompt, mode="gen", gen_slots=r.sample.gen_slots) for r in gen]
             ids, mask = pad_batch(seqs, self.pad_id)
             batch["gen"] = {"ids": ids, "attention_mask": mask,
                             "latents": torch.stack([self.latents[r.image_key] for r in gen]),
-                            "gen_slots": [r.sample.gen_slots for r in gen]}
+                            "gen_slots": [r.sample.gen_slots for r in gen], "uid": [r.uid for r in gen]}
+            if fmt.image_tokens:
+                enc = []
+                for seq, r in zip(seqs, gen):
+                    tokens = self.image_tokens[r.image_key].tolist()
+                    prompt = seq + [self.prompts.boi_id]
+                    enc.append(Encoded(prompt + tokens, [IGNORE_INDEX] * len(prompt) + tokens))
+                batch["img"] = self._pad(enc)
         return batch
+
+    def _pad(self, enc: Sequence[Encoded]) -> dict:
+        ids, mask = pad_batch([e.ids for e in enc], self.pad_id)
+        labels, _ = pad_batch([e.labels for e in enc], 0, labels=True)
+        return {"ids": ids, "attention_mask": mask, "labels": labels}
 
 
 # ---- feature caches ------------------------------------------------------------------------------------

@@ -32,8 +32,11 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> Record:
-        return self.records[index]
+    def __getitem__(self, key):
+        """An index, or an (index, stage) pair from a staged sampler: the stage travels to the collator."""
+        if isinstance(key, tuple):
+            return self.records[key[0]], key[1]
+        return self.records[key]
 
 
 def load_records(folders: Sequence[str | Path], split: str) -> tuple[list[Record], list[dict]]:
@@ -45,7 +48,8 @@ def load_records(folders: Sequence[str | Path], split: str) -> tuple[list[Record
             raise FileNotFoundError(f"{folder}: not a prepared concept folder (no manifest.jsonl); run `unipers prepare`")
         concept, samples = read_prepared(folder)
         concepts.append(concept)
-        records += [Record(s, folder.resolve()) for s in samples if s.split == split]
+        records += [Record(s, folder.resolve(), len(records) + i)
+                    for i, s in enumerate(x for x in samples if x.split == split)]
     return records, concepts
 
 

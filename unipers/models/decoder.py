@@ -149,11 +149,14 @@ class DiffusionDecoder(nn.Module):
 
     # ---- training -----------------------------------------------------------------------------------
 
-    def loss(self, latents: Tensor, cond: Conditioning, generator: torch.Generator | None = None,
-             timesteps: Tensor | None = None, noise: Tensor | None = None) -> Tensor:
-        """Denoising MSE (mean over elements) of the frozen UNet given ``cond``; differentiable in ``cond``.
+    def loss(self, latents: Tensor, cond: Conditioning, generator: Generators = None,
+             timesteps: Tensor | None = None, noise: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """Denoising MSE of the frozen UNet given ``cond``; differentiable in ``cond``.
 
-        Flow-matching schedulers: ``timesteps`` are scheduler timesteps (sigma * num_train_timesteps).
+        ``generator`` may be a list, one per sample: each sample's noise and timestep then depend only on
+        its own generator, not on the batch it lands in (DDP and resumed runs draw the same).
+        ``reduction="none"`` gives the per-sample mean (B,). Flow-matching schedulers: ``timesteps`` are
+        scheduler timesteps (sigma * num_train_timesteps).
         """
         latents = latents.to(self.device, torch.float32)
         batch = latents.shape[0]
@@ -163,8 +166,7 @@ class DiffusionDecoder(nn.Module):
         num_train = self.scheduler.config.num_train_timesteps
         prediction_type = self.prediction_type
         if timesteps is None:
-            gen_device = generator.device if generator is not None else latents.device
-            index = torch.randint(0, num_train, (batch,), generator=generator, device=gen_device)
+            index = _randint(num_train, batch, generator, latents.device)
             timesteps = (self.scheduler.timesteps[index.cpu()] if self.is_flow_matching else index)
         timesteps = timesteps.to(latents.device)
         if prediction_type == "flow_matching":
@@ -181,6 +183,8 @@ class DiffusionDecoder(nn.Module):
             raise ValueError(f"unsupported prediction_type {prediction_type!r}; supported: epsilon, "
                              "v_prediction, sample, and flow-matching schedulers")
         pred = self._unet(noisy, timesteps, cond)
+        if reduction == "none":
+            return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         return F.mse_loss(pred.float(), target.float())
 
     def _unet(self, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
@@ -245,6 +249,17 @@ class DiffusionDecoder(nn.Module):
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)
             latents = sampler.step(pred.float(), t, latents, generator=step_generator).prev_sample
         return self.decode_latents(latents)
+
+
+def _randint(high: int, batch: int, generator: Generators, device: torch.device) -> Tensor:
+    """`batch` integers in [0, high), drawn like `_randn`: per sample when given a list of generators."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(0, high, (batch,), generator=generator, device=gen_device)
+    generator = list(generator)
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch}")
+    return torch.cat([torch.randint(0, high, (1,), generator=g, device=g.device).cpu() for g in generator])
 
 
 def _randn(shape: Sequence[int], generator: Generators, device: torch.device) -> Tensor:

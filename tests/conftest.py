@@ -69,3 +69,30 @@ def qa_batch():
         return ids, mask, labels
 
     return make
+
+
+@pytest.fixture(scope="session")
+def prepared_concepts(tmp_path_factory):
+    """Two prepared concept folders (bo: orange dog photos with facts, mam: blue cat photos), made by
+    `prepare_concept` from generated images: each has negatives (the other's photos), QA, captions and
+    generation prompts, train and val splits."""
+    from PIL import Image
+
+    from unipers.data.prepare import prepare_concept
+
+    root = tmp_path_factory.mktemp("concepts")
+
+    def photos(name, colour):
+        folder = root / f"{name}_photos"
+        folder.mkdir()
+        for i in range(6):
+            im = Image.new("RGB", (96 + 8 * i, 96), colour)
+            im.paste((255 - i * 30, 20 * i, 128), (10 + 5 * i, 20, 50 + 5 * i, 70))
+            im.save(folder / f"p{i}.png")
+        return folder
+
+    facts = root / "facts.txt"
+    facts.write_text("<bo> has a red collar.\n<bo> is 3 years old.\n")
+    bo = prepare_concept(photos("bo", (200, 120, 40)), "bo", root / "bo", class_word="dog", facts=facts)
+    mam = prepare_concept(photos("mam", (40, 80, 200)), "mam", root / "mam", class_word="cat")
+    return [bo, mam]

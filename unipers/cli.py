@@ -2,6 +2,7 @@
 
     unipers --help
     unipers prepare PHOTOS_DIR --name bo --out data/bo
+    unipers train configs/personalize.yaml data.concepts=[data/bo] run_dir=runs/bo
 
 Each sub-command lives in its own module, which exposes ``add_arguments(parser)`` (argparse only, no heavy
 imports at module level) and ``main(args) -> int``. The table below maps names to modules, so the
@@ -17,6 +18,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("unipers.data.prepare", "turn a folder of photos into a training manifest"),
+    "train": ("unipers.training.run", "personalize concept rows (or align the connector) from a config"),
     "tiny": ("unipers.models.tiny", "build the embedded tiny base models (no downloads)"),
     "export": ("unipers.concepts.export", "merge concept files into a plain Hugging Face checkpoint"),
 }

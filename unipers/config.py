@@ -131,6 +131,8 @@ class TrainerConfig:
     """Batches per optimizer step."""
     val_every: int = 50
     """Validate (and pick the best concept file) every N steps; 0 = never."""
+    checkpoint_every: int = 50
+    """Write a resumable Lightning checkpoint (trainable state only) every N steps."""
     limit_val_batches: int = 8
     """Validation batches per check."""
     log_every: int = 10

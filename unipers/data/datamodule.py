@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
-from unipers.data.collate import Collator, Record, image_token_cache, latent_cache
+from unipers.data.collate import Collator, Record, StageFormat, image_token_cache, latent_cache
 from unipers.data.manifest import read_prepared
 from unipers.data.sampler import MixtureSampler
 
@@ -55,7 +55,13 @@ def load_records(folders: Sequence[str | Path], split: str) -> tuple[list[Record
 
 class ConceptDataModule(L.LightningDataModule):
     def __init__(self, folders: Sequence[str | Path], *, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
-                 task_weights: Optional[Mapping[str, float]] = None, samples_per_epoch: Optional[int] = None):
+                 task_weights: Optional[Mapping[str, float]] = None, samples_per_epoch: Optional[int] = None,
+                 steps: Optional[int] = None, accumulate: int = 1,
+                 stages: Optional[Sequence[tuple[int, Mapping[str, float]]]] = None,
+                 formats: Sequence[StageFormat] = (StageFormat(),)):
+        """`steps` makes one epoch exactly `steps` optimizer steps long (a training run is one epoch), and
+        `stages` ((first step, task weights) per stage) with `formats` lets a recipe change the mix and
+        the sample format from stage to stage."""
         super().__init__()
         if not folders:
             raise ValueError("no concept folders given (set data.concepts=[DIR,...])")
@@ -63,6 +69,8 @@ class ConceptDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.task_weights = dict(DEFAULT_TASK_WEIGHTS if task_weights is None else task_weights)
         self.samples_per_epoch = samples_per_epoch
+        self.steps, self.accumulate = steps, accumulate
+        self.stages, self.formats = stages, list(formats)
         self.train_records, self.concepts = load_records(self.folders, "train")
         self.val_records, _ = load_records(self.folders, "val")
         self.collator: Optional[Collator] = None
@@ -77,17 +85,23 @@ class ConceptDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"concepts {missing} are in the data but not in the model's bank (add them first)")
         records = self.train_records + self.val_records
-        und_keys = [r.image_key for r in records if r.image_key and r.sample.task != "generation"]
         gen_keys = [r.image_key for r in records if r.sample.task == "generation"]
-        tokens = image_token_cache(model, und_keys) if und_keys else {}
+        # Generation targets need VQ tokens too when a stage trains the AR image-token loss.
+        token_keys = [r.image_key for r in records if r.image_key and (
+            r.sample.task != "generation" or any(f.image_tokens for f in self.formats))]
+        tokens = image_token_cache(model, token_keys) if token_keys else {}
         latents = latent_cache(model, gen_keys) if gen_keys else {}
-        self.collator = Collator(model.prompts, model.backbone.tokenizer.pad_token_id, tokens, latents)
+        self.collator = Collator(model.prompts, model.backbone.tokenizer.pad_token_id, tokens, latents,
+                                 stages=self.formats)
 
     def _sampler(self) -> MixtureSampler:
         trainer = getattr(self, "trainer", None)
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        per_step = self.batch_size * self.accumulate * replicas
+        total = self.steps * per_step if self.steps is not None else self.samples_per_epoch
         return MixtureSampler([r.sample.task for r in self.train_records], self.task_weights,
-                              num_samples=self.samples_per_epoch, num_replicas=replicas, rank=rank, seed=self.seed)
+                              num_samples=total, num_replicas=replicas, rank=rank, seed=self.seed,
+                              stages=self.stages, samples_per_step=per_step)
 
     def train_dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader

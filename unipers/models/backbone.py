@@ -189,6 +189,43 @@ class ARBackbone(nn.Module):
             raise ValueError("image_token_loss: a labelled position is not an image token")
         return F.cross_entropy((hidden @ weight.T).float(), index, reduction=reduction)
 
+    @torch.no_grad()
+    def generate(self, ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, stop_ids: Iterable[int] = (),
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True) -> Tensor:
+        """Continue left-padded prompts (B, L): greedy at temperature 0, else nucleus sampling.
+
+        Returns the new tokens (B, <= max_new_tokens), `pad_token_id` after a row stopped. Concept logits
+        follow the prompt's concepts (presence comes from the prompt, not the newest token).
+        """
+        from transformers import DynamicCache
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        presence = self.bank.presence(ids)
+        stop = torch.tensor(sorted(set(stop_ids) | {self.tokenizer.eos_token_id}), device=ids.device)
+        pad = self.tokenizer.pad_token_id
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        cache = DynamicCache(config=self.model.config) if use_cache else None
+        seq, mask, out = ids, attention_mask, []
+        step_ids = ids
+        for _ in range(max_new_tokens):
+            if use_cache:
+                hidden, cache = self.hidden_states(step_ids, mask, cache=cache)
+            else:
+                hidden, _ = self.hidden_states(seq, mask)
+            logits = self.logits(hidden[:, -1], presence).float()
+            nxt = _pick(logits, temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt)
+            done |= torch.isin(nxt, stop)
+            step_ids = nxt[:, None]
+            seq = torch.cat([seq, step_ids], 1)
+            mask = torch.cat([mask, (~done | torch.isin(nxt, stop)).long()[:, None]], 1)
+            if bool(done.all()):
+                break
+        return torch.stack(out, 1) if out else ids.new_zeros(ids.shape[0], 0)
+
     # ---- images -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> Tensor:
@@ -209,3 +246,15 @@ class ARBackbone(nn.Module):
     def image_segment(self, tokens: Tensor) -> list[int]:
         """One image as it sits in a sequence: begin-image, its tokens, end-image."""
         return [self.boi_id, *tokens.tolist(), self.eoi_id]
+
+
+def _pick(logits: Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]) -> Tensor:
+    """Greedy (temperature 0) or nucleus sampling over (B, V) logits."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)

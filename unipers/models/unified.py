@@ -129,9 +129,11 @@ class UnifiedModel(nn.Module):
         hidden, _ = self.backbone.hidden_states(ids, attention_mask)
         return self.connector(hidden.to(next(self.connector.parameters()).dtype), attention_mask.bool())
 
-    def diffusion_loss(self, ids: Tensor, attention_mask: Tensor, latents: Tensor,
-                       generator: Optional[torch.Generator] = None) -> Tensor:
-        return self.decoder.loss(latents, self.condition(ids, attention_mask), generator=generator)
+    def diffusion_loss(self, ids: Tensor, attention_mask: Tensor, latents: Tensor, generator=None,
+                       reduction: str = "mean") -> Tensor:
+        """Denoising loss of `latents` conditioned on the prompts; `generator` may be one per sample."""
+        return self.decoder.loss(latents, self.condition(ids, attention_mask), generator=generator,
+                                 reduction=reduction)
 
     def understanding_loss(self, ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         return self.backbone.understanding_loss(ids, attention_mask, labels)

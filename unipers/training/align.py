@@ -1,0 +1,267 @@
+"""Align stage (stage 0): train the connector on generic image–caption pairs with the diffusion loss,
+optionally with LoRA adapters on the UNet attention projections or with whole UNet blocks unfrozen.
+Run once per backbone/decoder pair, usually on many GPUs.
+
+    model = UnifiedModel.from_config(cfg)                      # no connector.path: a fresh connector
+    module = AlignModule(model, lr=1e-4, weight_decay=0.01, warmup_steps=500, max_steps=20_000,
+                         train_decoder="lora", lora_rank=8)
+    L.Trainer(max_steps=20_000, strategy="ddp").fit(module, build_align_data("shards", PATTERN, ...))
+    module.save_connector("aligned/connector.safetensors")     # rank 0 writes; other ranks return
+
+    # personalize: connector.path=aligned/connector.safetensors (checked against both base fingerprints);
+    # if the decoder was trained, apply its delta to the stock decoder after loading:
+    model = UnifiedModel.from_config(cfg)
+    apply_decoder_delta(model.decoder, decoder_delta_path(cfg.connector.path))
+
+The optimizer sees an explicit allow-list (``trainable_names``); everything else is frozen and stays in
+eval mode. Lightning checkpoints keep only the allow-listed tensors. The connector file carries both base
+fingerprints, so it is refused on another pair; the decoder delta (``*.decoder.safetensors``) holds only
+the trained decoder tensors (LoRA factors, merged into the weights on apply, or the unfrozen blocks).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+import unipers
+from unipers.concepts.io import ConceptFileError
+from unipers.io import atomic_file, save_safetensors_atomic
+from unipers.models.fingerprint import config_fields, fingerprint
+
+DECODER_MODES = ("none", "lora", "blocks")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_DELTA_FORMAT = "decoder-delta-v1"
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * B(A(x))`` around a frozen ``nn.Linear``. B starts at zero (training starts at the
+    base); the factors are float32 whatever the base dtype, so AdamW never steps bf16 weights."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {rank}")
+        self.base, self.rank = base, rank
+        self.scale = (alpha if alpha is not None else rank) / rank
+        a = torch.empty(rank, base.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = nn.Parameter(a.to(base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        return out + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(out.dtype)
+
+    def delta(self) -> Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)
+
+
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> dict[str, LoRALinear]:
+    """Wrap every attention projection (``to_q, to_k, to_v, to_out.0``) of ``unet``: {module path: wrapper}."""
+    generator = torch.Generator().manual_seed(seed)  # the same initial factors on every rank
+    attentions = [(name, m) for name, m in unet.named_modules() if hasattr(m, "to_q") and hasattr(m, "to_out")]
+    wrapped: dict[str, LoRALinear] = {}
+    for name, attn in attentions:
+        for target in LORA_TARGETS:
+            parent, _, leaf = f"{name}.{target}".rpartition(".")
+            holder = unet.get_submodule(parent)
+            base = holder[int(leaf)] if leaf.isdigit() else getattr(holder, leaf)
+            if not isinstance(base, nn.Linear):
+                continue
+            lora = LoRALinear(base, rank, alpha, generator)
+            if leaf.isdigit():
+                holder[int(leaf)] = lora
+            else:
+                setattr(holder, leaf, lora)
+            wrapped[f"{name}.{target}"] = lora
+    if not wrapped:
+        raise ValueError("the UNet has no attention projections to put LoRA on")
+    return wrapped
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int) -> float:
+    """LR factor: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class AlignModule(L.LightningModule):
+    """Connector (+ optional decoder LoRA / blocks) trained with the diffusion loss on plain captions.
+
+    ``train_decoder``: "none" (connector only), "lora" (adapters of ``lora_rank`` on the UNet attention
+    projections) or "blocks" (the UNet submodules named in ``unfreeze_blocks``, e.g. "mid_block",
+    "up_blocks.1", trained in full; they stay in eval mode, the tiny and SD UNets have no dropout).
+    ``caption_dropout`` replaces that share of captions with "" so the empty plain prompt learns to be the
+    unconditional input for classifier-free guidance.
+    """
+
+    def __init__(self, model, *, lr: float, weight_decay: float = 0.0, warmup_steps: int = 0, max_steps: int,
+                 train_decoder: str = "none", lora_rank: int = 8, unfreeze_blocks: Sequence[str] = ("mid_block",),
+                 caption_dropout: float = 0.0, seed: int = 0):
+        super().__init__()
+        if train_decoder not in DECODER_MODES:
+            raise ValueError(f"train_decoder={train_decoder!r} is not one of {', '.join(DECODER_MODES)}")
+        if max_steps < 1 or warmup_steps < 0 or not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"need max_steps >= 1, warmup_steps >= 0, 0 <= caption_dropout < 1; got "
+                             f"{max_steps}, {warmup_steps}, {caption_dropout}")
+        unfreeze_blocks = [str(b) for b in unfreeze_blocks]
+        # Plain types only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(dict(lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                       max_steps=max_steps, train_decoder=train_decoder, lora_rank=lora_rank,
+                                       unfreeze_blocks=unfreeze_blocks, caption_dropout=caption_dropout, seed=seed))
+        self.model = model
+        self.lr, self.weight_decay, self.warmup_steps, self.max_steps = lr, weight_decay, warmup_steps, max_steps
+        self.train_decoder, self.lora_rank, self.unfreeze_blocks = train_decoder, lora_rank, unfreeze_blocks
+        self.caption_dropout, self.seed = caption_dropout, seed
+        self.strict_loading = False  # checkpoints hold the allow-list only
+
+        model.requires_grad_(False)
+        model.freeze_connector(False)
+        unet = model.decoder.unet
+        self.lora: dict[str, LoRALinear] = {}
+        if train_decoder == "lora":
+            self.lora = add_lora(unet, lora_rank, seed=seed)
+            for wrapper in self.lora.values():
+                wrapper.lora_A.requires_grad_(True)
+                wrapper.lora_B.requires_grad_(True)
+        elif train_decoder == "blocks":
+            children = [n for n, _ in unet.named_children()]
+            for block in unfreeze_blocks:
+                try:
+                    unet.get_submodule(block).requires_grad_(True)
+                except AttributeError:
+                    raise ValueError(f"unfreeze_blocks: the UNet has no submodule {block!r} "
+                                     f"(top level: {', '.join(children)})") from None
+        self.trainable_names: tuple[str, ...] = tuple(n for n, p in self.named_parameters() if p.requires_grad)
+        expected = {f"model.connector.{n}" for n, _ in model.connector.named_parameters()}
+        if not expected <= set(self.trainable_names):
+            raise RuntimeError("connector parameters missing from the allow-list")
+
+    # ---- steps ---------------------------------------------------------------------------------------
+    def generator(self, batch_idx: int = 0) -> torch.Generator:
+        """CPU generator seeded from (seed, global step, rank, micro-batch): same noise on any device/resume."""
+        trainer = self._trainer
+        micro = batch_idx % trainer.accumulate_grad_batches if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        digest = hashlib.sha256(f"align/{self.seed}/{self.global_step}/{rank}/{micro}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+    def shared_step(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+        captions = list(batch["captions"])
+        if self.caption_dropout > 0:
+            drop = torch.rand(len(captions), generator=generator) < self.caption_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        ids, mask = self.model.encode_batch(captions, mode="plain")
+        latents = batch.get("latents")  # precomputed, or the VAE posterior mean here (no grad)
+        if latents is None:
+            latents = self.model.decoder.encode_images(batch["pixels"])
+        return self.model.diffusion_loss(ids, mask, latents, generator=generator)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.shared_step(batch, self.generator(batch_idx))
+        self.log("train/diffusion", loss, prog_bar=True, batch_size=len(batch["captions"]))
+        return loss
+
+    def configure_optimizers(self):
+        named = dict(self.named_parameters())
+        params = [named[n] for n in self.trainable_names]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay: biases, norms
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+        schedule = functools.partial(warmup_cosine, warmup_steps=self.warmup_steps, max_steps=self.max_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.trainable_names)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(set(self.trainable_names) - set(checkpoint["state_dict"]))
+        if missing:  # strict_loading is off for the frozen weights, not for what we train
+            raise RuntimeError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {missing[:3]} "
+                               f"(train_decoder={self.train_decoder!r} at save time?)")
+
+    # ---- outputs -------------------------------------------------------------------------------------
+    def save_connector(self, path: str | os.PathLike) -> Path:
+        """Write the connector (+ ``*.decoder.safetensors`` if the decoder trained); only global rank 0 writes."""
+        path = Path(path)
+        if self._trainer is not None and self.trainer.global_rank != 0:
+            return path
+        fps = self.model.fingerprints
+        meta = {"backbone_fingerprint": fps["backbone"], "decoder_fingerprint": fps["decoder"],
+                "unipers_version": unipers.__version__, "stage": "align", "steps": str(self.global_step),
+                "train_decoder": self.train_decoder}
+        with atomic_file(path, suffix=".safetensors.tmp") as tmp:
+            self.model.connector.save(tmp, meta)
+        if self.train_decoder != "none":
+            self.save_decoder_delta(decoder_delta_path(path), meta)
+        return path
+
+    def save_decoder_delta(self, path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+        """Only the trained decoder tensors, keyed by their path in the stock decoder."""
+        meta = {**metadata, "unipers.format": _DELTA_FORMAT, "kind": self.train_decoder}
+        if self.train_decoder == "lora":
+            meta["lora_rank"] = str(self.lora_rank)
+            tensors = {}
+            for name, w in self.lora.items():
+                tensors[f"unet.{name}.lora_A"] = w.lora_A
+                tensors[f"unet.{name}.lora_B"] = w.lora_B
+                meta[f"scale.unet.{name}"] = repr(w.scale)
+        else:
+            prefix = "model.decoder."
+            named = dict(self.named_parameters())
+            tensors = {n[len(prefix):]: named[n] for n in self.trainable_names if n.startswith(prefix)}
+        return save_safetensors_atomic(tensors, path, metadata=meta)
+
+
+def decoder_delta_path(connector_path: str | os.PathLike) -> Path:
+    """``aligned/connector.safetensors`` -> ``aligned/connector.decoder.safetensors``."""
+    return Path(connector_path).with_suffix(".decoder.safetensors")
+
+
+@torch.no_grad()
+def apply_decoder_delta(decoder, path: str | os.PathLike):
+    """Apply an align-stage decoder delta to a stock ``DiffusionDecoder`` in place (LoRA merged into the
+    weights), after checking it was trained on this very decoder. Returns the decoder."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("unipers.format") != _DELTA_FORMAT:
+        raise ConceptFileError(f"{path} is not a unipers decoder delta (format {meta.get('unipers.format')!r})")
+    ours = fingerprint(decoder, config_fields(decoder.unet.config))
+    if meta.get("decoder_fingerprint") != ours:
+        raise ConceptFileError(f"{path}: delta trained on decoder {meta.get('decoder_fingerprint')}, but this "
+                               f"decoder is {ours} (another decoder, or a delta already applied)")
+    tensors = load_file(str(path))
+    if meta["kind"] == "blocks":
+        params = dict(decoder.named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ConceptFileError(f"{path}: the decoder has no parameters {unknown[:3]}")
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    elif meta["kind"] == "lora":
+        for key in [k for k in tensors if k.endswith(".lora_A")]:
+            name = key[: -len(".lora_A")]
+            weight = decoder.get_submodule(name).weight
+            delta = float(meta[f"scale.{name}"]) * (tensors[f"{name}.lora_B"] @ tensors[key])
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    else:
+        raise ConceptFileError(f"{path}: unknown delta kind {meta['kind']!r}")
+    return decoder

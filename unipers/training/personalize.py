@@ -1,0 +1,180 @@
+"""PersonalizeModule: trains concept rows with the understanding, AR image-token and diffusion losses.
+
+The module composes; the math lives in the parts (`ARBackbone`, `DiffusionDecoder`, `Schedule`).
+
+Three properties are kept on purpose:
+- **Exactly the rows a stage names move.** After backward (and DDP's all-reduce) the gradients of slot
+  groups outside the stage, and of rows this step did not touch (zero gradient), are set to None, so
+  AdamW skips them: weight decay and momentum cannot move them.
+- **DDP equals one process.** Each loss is a sum divided by its *global* count (tokens or samples,
+  all-reduced), times the world size that DDP's gradient averaging divides by; every sample's diffusion
+  noise is seeded by (seed, step, sample id), not by where the sample landed.
+- **Checkpoints hold trainable state only.** Frozen weights are dropped on save (`strict_loading=False`)
+  and are neither broadcast nor all-reduced by DDP (`_ddp_params_and_buffers_to_ignore`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from unipers.models.unified import UnifiedModel
+from unipers.training.schedule import Schedule
+
+_MASK64 = (1 << 63) - 1
+
+
+def sample_seed(seed: int, step: int, uid: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_000_033 + uid) & _MASK64
+
+
+class PersonalizeModule(L.LightningModule):
+    def __init__(self, model: UnifiedModel, schedule: Schedule, *, lr: float = 1e-3, weight_decay: float = 0.0,
+                 seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.schedule = schedule
+        self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
+        self.strict_loading = False
+        trainable = {id(p) for p in model.trainable_parameters()}
+        self._ddp_params_and_buffers_to_ignore = [
+            n for n, p in self.named_parameters() if id(p) not in trainable] + [n for n, _ in self.named_buffers()]
+        tok = model.backbone.tokenizer
+        self.yes_id = tok("Yes", add_special_tokens=False).input_ids[0]
+        self.no_id = tok("No", add_special_tokens=False).input_ids[0]
+        self._val: list[dict] = []
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _global_sum(self, values: Tensor) -> Tensor:
+        """Sum over ranks. Called once per step with a fixed shape on every rank (a collective)."""
+        values = values.detach().float().to(self.device)
+        if self._trainer is None or self.trainer.world_size == 1:
+            return values
+        return self.trainer.strategy.reduce(values, reduce_op="sum")
+
+    def _diffusion(self, part: dict, step: int) -> Tensor:
+        gens = [torch.Generator().manual_seed(sample_seed(self.seed, step, uid)) for uid in part["uid"]]
+        return self.model.diffusion_loss(part["ids"], part["attention_mask"], part["latents"].to(self.device),
+                                         generator=gens, reduction="none")
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        step = self.global_step
+        stage = self.schedule.at(step)
+        weights = stage.losses
+        bb = self.model.backbone
+        # Every trainable parameter takes part in every step (zero gradient when unused), so DDP needs no
+        # find_unused_parameters; zero gradients are dropped again before the optimizer step.
+        total = sum((p * 0).sum() for p in self.model.trainable_parameters())
+        zero = total.detach()
+        sums = {"understanding": zero, "image_tokens": zero, "diffusion": zero}
+        counts = dict.fromkeys(sums, 0.0)
+        parts = (("und", "understanding", bb.understanding_loss), ("img", "image_tokens", bb.image_token_loss))
+        for key, name, loss_fn in parts:
+            if key in batch and getattr(weights, name) > 0:
+                p = batch[key]
+                sums[name] = loss_fn(p["ids"], p["attention_mask"], p["labels"], reduction="sum")
+                counts[name] = float((p["labels"][:, 1:] != -100).sum())
+        if "gen" in batch and weights.diffusion > 0:
+            per_sample = self._diffusion(batch["gen"], step)
+            sums["diffusion"], counts["diffusion"] = per_sample.sum(), float(len(per_sample))
+        names = list(sums)
+        reduced = self._global_sum(torch.tensor([counts[n] for n in names] + [sums[n].item() for n in names]))
+        logs = {}
+        for i, name in enumerate(names):
+            n_global = reduced[i].clamp(min=1)
+            if reduced[i] > 0:
+                total = total + getattr(weights, name) * sums[name] / n_global * self.world
+                logs[f"train/{name}"] = reduced[len(names) + i] / n_global
+        logs["train/stage"] = float(self.schedule.index_at(step))
+        self.log_dict(logs, prog_bar=True, batch_size=len(batch["concepts"]))
+        return total
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        allowed = set(self.schedule.at(self.global_step).train)
+        bank = self.model.bank
+        for name in bank.names:
+            rows = bank.rows[name]
+            for table in (rows.embed, rows.head):
+                for group, p in table.items():
+                    if group not in allowed or p.grad is None or not bool(p.grad.any()):
+                        p.grad = None
+
+    def configure_optimizers(self):
+        # The schedule knows max_steps: trainer.estimated_stepping_batches would skip restoring the loader
+        # state on resume (Lightning #20550).
+        opt = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule.lr_factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- validation -------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        bb, out = self.model.backbone, {}
+        if "und" in batch:
+            p = batch["und"]
+            out["und_sum"] = bb.understanding_loss(p["ids"], p["attention_mask"], p["labels"], reduction="sum").item()
+            out["und_count"] = int((p["labels"][:, 1:] != -100).sum())
+            rows = [i for i, label in enumerate(p["label"]) if label is not None]
+            if rows:
+                out["recognition"] = list(zip(self._says_yes(p, rows), (p["label"][i] for i in rows)))
+        if "gen" in batch:
+            g = batch["gen"]
+            gens = [torch.Generator().manual_seed(sample_seed(self.seed, 0, uid)) for uid in g["uid"]]
+            per = self.model.diffusion_loss(g["ids"], g["attention_mask"], g["latents"].to(self.device),
+                                            generator=gens, reduction="none")
+            out["gen"] = per.tolist()
+        self._val.append(out)
+
+    def _says_yes(self, part: dict, rows: list[int]) -> list[bool]:
+        """Yes/No from the answer's first-token logits (the position before the first labelled token)."""
+        bb = self.model.backbone
+        ids, mask, labels = (part[k][rows] for k in ("ids", "attention_mask", "labels"))
+        hidden, _ = bb.hidden_states(ids, mask)
+        first = (labels != -100).float().argmax(1) - 1
+        h = hidden[torch.arange(len(rows)), first]
+        logits = bb.logits(h, bb.bank.presence(ids))
+        return (logits[:, self.yes_id] > logits[:, self.no_id]).tolist()
+
+    def on_validation_epoch_end(self) -> None:
+        outs, self._val = self._val, []
+        metrics = {}
+        count = sum(o.get("und_count", 0) for o in outs)
+        if count:
+            metrics["val/understanding"] = sum(o.get("und_sum", 0.0) for o in outs) / count
+        decisions = [d for o in outs for d in o.get("recognition", [])]
+        pos = [yes for yes, label in decisions if label]
+        neg = [not yes for yes, label in decisions if not label]
+        if pos:
+            metrics["val/recognition_pos"] = sum(pos) / len(pos)
+        if neg:
+            metrics["val/recognition_neg"] = sum(neg) / len(neg)
+        if pos or neg:  # Yo'Chameleon's weighted accuracy; one side alone when the split has only that side
+            sides = [metrics[k] for k in ("val/recognition_pos", "val/recognition_neg") if k in metrics]
+            metrics["val/recognition"] = sum(sides) / len(sides)
+        gen = [x for o in outs for x in o.get("gen", [])]
+        if gen:
+            metrics["val/diffusion"] = sum(gen) / len(gen)
+        if metrics:
+            self.log_dict(metrics, prog_bar=False, rank_zero_only=True)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["unipers"] = {"concepts": self.model.bank.names, **self.model.fingerprints}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved: Optional[dict] = checkpoint.get("unipers")
+        if saved is not None:
+            for kind, ours in self.model.fingerprints.items():
+                if saved.get(kind) != ours:
+                    raise ValueError(f"checkpoint was trained on {kind} {saved.get(kind)}, this run has {ours}")
+            if saved["concepts"] != self.model.bank.names:
+                raise ValueError(f"checkpoint holds concepts {saved['concepts']}, this run {self.model.bank.names}")

@@ -1,0 +1,182 @@
+"""`unipers train`: personalize concept rows (or align the connector) from a config.
+
+    unipers train configs/personalize.yaml data.concepts=[data/bo,data/mam] trainer.max_steps=300 seed=0 run_dir=runs/bo
+    unipers train configs/personalize.yaml ... ckpt_path=last        # resume the run folder's newest checkpoint
+
+The run folder holds the resolved config, ``run.json`` (git commit, unipers version, base fingerprints,
+command line), ``checkpoints/`` (Lightning, trainable state only), ``concepts/`` (concept files), ``logs/``
+(CSV by default) and ``samples/`` (answers and images written at validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+CHECKPOINTS, CONCEPTS, LOGS, SAMPLES = "checkpoints", "concepts", "logs", "samples"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (e.g. configs/personalize.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+
+
+def main(args: argparse.Namespace) -> int:
+    from unipers.config import ConfigError, load_config
+
+    files = [args.config] if args.config else []
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not Path(args.config).is_file():
+        files, overrides = [], [args.config, *overrides]  # `unipers train key=value ...` without a file
+    try:
+        cfg = load_config(files, overrides)
+    except ConfigError as err:
+        print(f"unipers train: {err}", file=sys.stderr)
+        return 2
+    out = train(cfg)
+    print(f"run folder: {out}")
+    return 0
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_info(cfg, run_dir: Path, fingerprints: dict) -> None:
+    from unipers import __version__
+    from unipers.config import to_yaml
+    from unipers.io import atomic_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(run_dir / "config.yaml") as tmp:
+        tmp.write_text(to_yaml(cfg))
+    info = {"unipers_version": __version__, "git_commit": git_commit(), "fingerprints": fingerprints,
+            "command": sys.argv, "stage": cfg.stage}
+    with atomic_file(run_dir / "run.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def resolve_ckpt(value: str | None, run_dir: Path) -> str | None:
+    """`last` -> the run folder's newest checkpoint (None on a fresh run); a path must exist."""
+    if value is None:
+        return None
+    if value == "last":
+        ckpts = sorted((run_dir / CHECKPOINTS).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return str(ckpts[-1]) if ckpts else None
+    if not Path(value).is_file():
+        raise FileNotFoundError(f"ckpt_path: no such checkpoint {value}")
+    return value
+
+
+def make_logger(cfg, run_dir: Path):
+    from lightning.pytorch import loggers
+
+    kind = cfg.trainer.logger
+    if kind == "csv":
+        return loggers.CSVLogger(run_dir, name=LOGS, version="")
+    if kind == "tensorboard":
+        return loggers.TensorBoardLogger(run_dir, name=LOGS, version="")
+    return loggers.WandbLogger(save_dir=str(run_dir), name=run_dir.name)
+
+
+def make_strategy(cfg):
+    """DDP keeps the frozen base out of broadcast and all-reduce; FSDP shards it (30B-class)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    kind, cpu = cfg.trainer.strategy, cfg.trainer.accelerator == "cpu"
+    if kind == "ddp" or (kind == "auto" and cfg.trainer.devices * cfg.trainer.num_nodes > 1):
+        return DDPStrategy(process_group_backend="gloo" if cpu else None, find_unused_parameters=False)
+    if kind == "fsdp":
+        from transformers.models.chameleon.modeling_chameleon import ChameleonDecoderLayer
+
+        # use_orig_params: trainable concept rows and frozen weights share FSDP units.
+        return FSDPStrategy(auto_wrap_policy={ChameleonDecoderLayer}, use_orig_params=True,
+                            sharding_strategy="FULL_SHARD", state_dict_type="full")
+    return "auto"
+
+
+def build_trainer(cfg, run_dir: Path, callbacks: list, validate: bool = True):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from unipers.training.callbacks import CheckpointOnSignal
+
+    t = cfg.trainer
+    validate = validate and t.val_every > 0
+    ckpt_dir = run_dir / CHECKPOINTS
+    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step_{step:06d}", auto_insert_metric_name=False,
+                               every_n_train_steps=t.checkpoint_every or None, save_top_k=-1, save_last=False)
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(cfg),
+        precision=t.precision, max_steps=t.max_steps, max_epochs=-1,
+        gradient_clip_val=t.gradient_clip_val or None, accumulate_grad_batches=t.accumulate_grad_batches,
+        val_check_interval=t.val_every if validate else None, check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches if validate else 0, num_sanity_val_steps=0,
+        log_every_n_steps=t.log_every, logger=make_logger(cfg, run_dir), enable_progress_bar=t.progress_bar,
+        callbacks=[periodic, CheckpointOnSignal(ckpt_dir), *callbacks],
+        use_distributed_sampler=False,  # the MixtureSampler shards over ranks itself
+        deterministic=False, enable_model_summary=False,
+    )
+
+
+def train(cfg, callbacks: Sequence = ()) -> Path:
+    if cfg.stage == "align":
+        from unipers.training.align import run_align
+
+        return run_align(cfg, callbacks)
+    return run_personalize(cfg, callbacks)
+
+
+def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:
+    """Train the concepts of `cfg.data.concepts`; `extra_callbacks` are added to the Trainer's."""
+    import lightning as L
+
+    from unipers.config import ConfigError
+    from unipers.data.datamodule import ConceptDataModule
+    from unipers.models.unified import UnifiedModel
+    from unipers.training.callbacks import ConceptFiles, ValidationSamples
+    from unipers.training.personalize import PersonalizeModule
+    from unipers.training.schedule import Schedule
+
+    if not cfg.data.concepts:
+        raise ConfigError("data.concepts is empty: give folders written by `unipers prepare`, "
+                          "e.g. data.concepts=[data/bo]")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.run_dir)
+    p, t = cfg.personalize, cfg.trainer
+    schedule = Schedule(p.schedule, t.max_steps, warmup_steps=p.warmup_steps, lr_schedule=p.lr_schedule)
+    data = ConceptDataModule(cfg.data.concepts, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+                             seed=cfg.seed, task_weights=cfg.data.task_weights, steps=t.max_steps,
+                             accumulate=t.accumulate_grad_batches,
+                             stages=schedule.task_stages(cfg.data.task_weights), formats=schedule.formats())
+    model = UnifiedModel.from_config(cfg)
+    for concept in data.concepts:
+        model.add_concept(concept["name"], concept.get("class_word"), init=cfg.bank.init,
+                          init_noise=cfg.bank.init_noise, seed=cfg.seed)
+    data.attach(model)
+    if t.compile:
+        for layer in model.backbone.model.model.layers:
+            layer.compile()
+    module = PersonalizeModule(model, schedule, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed)
+    ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
+    if ckpt is None and (run_dir / CONCEPTS / "last.safetensors").exists():
+        raise FileExistsError(f"{run_dir} holds a finished run; use a new run_dir, or ckpt_path=last to resume")
+    write_run_info(cfg, run_dir, model.fingerprints)
+    callbacks = [ConceptFiles(run_dir / CONCEPTS, p.save_every), *extra_callbacks]
+    if t.val_every and data.val_records:
+        callbacks.append(ValidationSamples(run_dir / SAMPLES))
+    trainer = build_trainer(cfg, run_dir, callbacks, validate=bool(data.val_records))
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    return run_dir

@@ -77,3 +77,19 @@ def test_frozen_base_stays_in_eval_mode(make_backbone):
 def test_missing_folder_and_no_config(tmp_path, make_backbone):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         make_backbone(path=tmp_path)
+
+
+def test_generate_cached_equals_uncached_and_batch_equals_single(make_backbone):
+    bb = make_backbone()
+    bb.add_concept("bo", "dog")
+    builder = PromptBuilder.for_backbone(bb)
+    seqs = [builder.encode_question("Is <bo> in the garden?"), builder.encode_question("what is that")]
+    ids, mask = pad_batch(seqs, bb.tokenizer.pad_token_id, side="left")
+    cached = bb.generate(ids, mask, max_new_tokens=12)
+    assert torch.equal(cached, bb.generate(ids, mask, max_new_tokens=12, use_cache=False))
+    for row, seq in enumerate(seqs):
+        alone = bb.generate(torch.tensor([seq]), max_new_tokens=12)[0]
+        assert torch.equal(alone, cached[row][: len(alone)])
+    sample = lambda: bb.generate(ids, mask, max_new_tokens=6, temperature=1.0, top_p=0.9,
+                                 generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample(), sample())

@@ -219,3 +219,14 @@ def test_flow_matching_samples(folders, conds):
                                                                      generator=gen(0)))
     with pytest.raises(ValueError, match="flow-matching"):
         dec.sample(conds[0], conds[1], num_steps=STEPS, scheduler="ddim")
+
+
+def test_per_sample_generators_make_noise_independent_of_the_batch(decoder):
+    """A sample's loss depends on its own generator only: the basis of DDP == one process."""
+    dec = decoder
+    latents = torch.randn(3, dec.latent_channels, dec.latent_size, dec.latent_size, generator=torch.Generator().manual_seed(0))
+    cond = make_cond(3, 5, seed=1)
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    batch = dec.loss(latents, cond, generator=gens([7, 8, 9]), reduction="none")
+    alone = dec.loss(latents[1:2], cond[1], generator=gens([8]), reduction="none")
+    assert batch.shape == (3,) and torch.allclose(batch[1:2], alone, atol=1e-6)

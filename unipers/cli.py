@@ -19,6 +19,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("unipers.data.prepare", "turn a folder of photos into a training manifest"),
     "train": ("unipers.training.run", "personalize concept rows (or align the connector) from a config"),
+    "ask": ("unipers.inference.ask", "answer questions about your concepts (--chat for several turns)"),
+    "recognize": ("unipers.inference.recognize", "is the concept in these images? a probability per image"),
+    "generate": ("unipers.inference.generate", "draw your concepts in new scenes (PNG + grid + JSON sidecar)"),
     "tiny": ("unipers.models.tiny", "build the embedded tiny base models (no downloads)"),
     "export": ("unipers.concepts.export", "merge concept files into a plain Hugging Face checkpoint"),
 }

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from unipers.concepts.bank import SlotLayout
-from unipers.concepts.io import ConceptFileError, load_concepts, save_concepts
+from unipers.concepts.io import ConceptFileError, load_concepts, read_metadata, save_concepts
 from unipers.concepts.prompts import PromptBuilder
 from unipers.models.backbone import ARBackbone
 from unipers.models.connector import Conditioning, Connector, read_connector_metadata
@@ -70,10 +70,13 @@ class UnifiedModel(nn.Module):
         if c.path:
             connector = Connector.load(c.path)
         else:
-            torch.manual_seed(cfg.seed)  # a fresh connector must be the same on every rank and every resume
-            connector = Connector(c.kind, in_dim=backbone.hidden_size, out_dim=decoder.cross_attention_dim,
-                                  pooled_dim=decoder.pooled_dim, num_queries=c.num_queries,
-                                  num_layers=c.num_layers, num_heads=c.num_heads)
+            # An unaligned connector is a fixed function of its config (seed 0, whatever the run's seed):
+            # every rank, every resume and every later inference session builds the same one.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                connector = Connector(c.kind, in_dim=backbone.hidden_size, out_dim=decoder.cross_attention_dim,
+                                      pooled_dim=decoder.pooled_dim, num_queries=c.num_queries,
+                                      num_layers=c.num_layers, num_heads=c.num_heads)
         model = cls(backbone, connector, decoder)
         if c.path:
             model.check_connector(c.path)
@@ -105,13 +108,25 @@ class UnifiedModel(nn.Module):
         return self.backbone.add_concept(name, class_word, **kwargs)
 
     def load_concepts(self, path: str | os.PathLike, names: Optional[Iterable[str]] = None) -> list[str]:
+        """Add a concept file's concepts; refused (naming both sides) if trained on another backbone,
+        decoder or connector: the rows only mean something to the models that shaped them."""
+        meta = read_metadata(path)
+        for kind, ours in (("decoder", self.decoder_fingerprint), ("connector", self.connector_fingerprint)):
+            theirs = meta.get(f"{kind}_fingerprint")
+            if theirs is not None and theirs != ours:
+                raise ConceptFileError(f"{path}: trained with {kind} {theirs}, but the loaded {kind} is {ours}")
         return load_concepts(self.bank, path, base_fingerprint=self.backbone.base_fingerprint,
                              vocabulary=self.backbone.vocabulary, names=names)
 
     def save_concepts(self, path: str | os.PathLike, names: Optional[Iterable[str]] = None,
                       extra: Optional[dict[str, str]] = None) -> Path:
-        extra = {"decoder_fingerprint": self.decoder_fingerprint, **(extra or {})}
+        extra = {"decoder_fingerprint": self.decoder_fingerprint, "connector_fingerprint": self.connector_fingerprint,
+                 **(extra or {})}
         return save_concepts(self.bank, path, base_fingerprint=self.backbone.base_fingerprint, names=names, extra=extra)
+
+    @property
+    def connector_fingerprint(self) -> str:
+        return fingerprint(self.connector, self.connector.config)
 
     # ---- batches ----------------------------------------------------------------------------------------
     def encode_batch(self, texts: Sequence[str], *, mode: str = "gen", gen_slots: Optional[Sequence[Optional[int]]] = None,

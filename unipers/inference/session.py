@@ -1,0 +1,202 @@
+"""InferenceSession: load the base once, add any number of concept files, then ask, recognize, generate.
+
+    from unipers.inference import InferenceSession
+    s = InferenceSession.from_config(load_config(["configs/base.yaml"]))
+    s.load("runs/bo/concepts/last.safetensors"); s.load("runs/mam/concepts/last.safetensors")
+    s.ask("What is <bo> doing?", images=["photo.jpg"])
+    s.recognize("bo", ["a.jpg", "b.jpg"])            # P(yes) per image
+    s.generate(["<bo> and <mam> on a sofa"], seed=0)  # images in [0, 1]
+
+Every input is checked before any work: a concept the prompt names but no file provides (the message
+lists the loaded ones), a concept file made for another base, an unreadable image (named), a prompt
+longer than the model's context.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from unipers.concepts.names import MARKER_PATTERN
+from unipers.concepts.prompts import IMAGE_MARKER, PromptError
+from unipers.models.unified import UnifiedModel, pad_batch
+
+
+class InputError(ValueError):
+    """Bad input to ask / recognize / generate; the message names the file or the problem."""
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that determines a generated image: saved beside it, enough to regenerate it exactly."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 5.0
+    size: Optional[int] = None
+    scheduler: Optional[str] = None
+    concept_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class InferenceSession:
+    def __init__(self, model: UnifiedModel):
+        self.model = model.eval()
+        self.files: dict[str, str] = {}  # concept name -> file it came from
+
+    @classmethod
+    def from_config(cls, cfg, device: Optional[str] = None) -> "InferenceSession":
+        model = UnifiedModel.from_config(cfg)
+        if device:
+            model.to(device)
+        return cls(model)
+
+    @property
+    def backbone(self):
+        return self.model.backbone
+
+    @property
+    def concepts(self) -> list[str]:
+        return self.model.bank.names
+
+    def load(self, path: str | os.PathLike) -> list[str]:
+        """Add a concept file (checked against the base, decoder and connector fingerprints)."""
+        names = self.model.load_concepts(path)
+        self.files.update({n: str(path) for n in names})
+        return names
+
+    # ---- checks -----------------------------------------------------------------------------------------
+    def _check_prompt(self, text: str) -> None:
+        vocab = self.model.prompts.vocab
+        unknown = [n for n in MARKER_PATTERN.findall(text) if n not in self.model.bank and f"<{n}>" not in vocab]
+        if unknown:
+            loaded = ", ".join(f"<{n}>" for n in self.concepts) or "none (pass --concept FILE)"
+            raise InputError(f"the prompt names <{unknown[0]}>, which is not loaded; loaded: {loaded}")
+
+    def image_tokens(self, paths: Sequence[str | os.PathLike]) -> list[Tensor]:
+        """VQ tokens of image files, through the same photo loader as `unipers prepare` (EXIF, CMYK, ...)."""
+        from unipers.data.images import PhotoError, open_rgb
+
+        images = []
+        for path in paths:
+            try:
+                images.append(open_rgb(path, max_side=2048))
+            except (PhotoError, OSError) as err:
+                raise InputError(f"{path}: cannot read image ({err})") from err
+        if not images:
+            return []
+        pixels = self.backbone.processor.image_processor(images=images, return_tensors="pt").pixel_values
+        return list(self.backbone.encode_images(pixels))
+
+    def _encode(self, text: str, images: Sequence[Tensor]) -> list[int]:
+        try:
+            return self.model.prompts.encode_question(text, images=images)
+        except PromptError as err:
+            raise InputError(str(err)) from err
+
+    # ---- understanding ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def ask(self, question: str, images: Sequence[str | os.PathLike] = (), *, history: Sequence[tuple[str, str]] = (),
+            max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+            use_cache: bool = True) -> str:
+        """Answer `question` (with `<image>` placeholders, or images placed before it), after `history`."""
+        self._check_prompt(question)
+        tokens = self.image_tokens(images)
+        if tokens and IMAGE_MARKER not in question:
+            question = IMAGE_MARKER * len(tokens) + "\n" + question
+        ids = self._conversation(question, tokens, history)
+        out = self.backbone.generate(torch.tensor([ids], device=self.backbone.device), max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, use_cache=use_cache,
+                                     generator=torch.Generator().manual_seed(seed))
+        return self.backbone.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+    def _conversation(self, question: str, images: Sequence[Tensor], history: Sequence[tuple[str, str]]) -> list[int]:
+        """Earlier turns, then the question: ``q <sep> a </s> q <sep> a </s> ... q <sep>``."""
+        prompts = self.model.prompts
+        ids: list[int] = []
+        for i, (q, a) in enumerate(history):
+            enc = prompts.encode_qa(q, a)
+            ids += enc.ids[1:] if i else enc.ids  # one BOS for the whole conversation
+        turn = self._encode(question, images)
+        ids += turn[1:] if ids else turn
+        limit = prompts.max_length
+        if limit is not None and len(ids) >= limit:
+            raise InputError(f"the conversation is {len(ids)} tokens, longer than the model's context of {limit}")
+        return ids
+
+    @torch.no_grad()
+    def recognize(self, concept: str, images: Sequence[str | os.PathLike],
+                  question: str = "Is <{name}> in this photo?") -> list[float]:
+        """P(yes) per image, from the Yes/No answer-token logits after the question."""
+        if concept not in self.model.bank:
+            self._check_prompt(f"<{concept}>")
+        tok, bb = self.backbone.tokenizer, self.backbone
+        yes, no = (tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+        text = IMAGE_MARKER + "\n" + question.format(name=concept)
+        seqs = [self._encode(text, [t]) for t in self.image_tokens(images)]
+        ids, mask = pad_batch(seqs, tok.pad_token_id, side="left")
+        ids, mask = ids.to(bb.device), mask.to(bb.device)
+        hidden, _ = bb.hidden_states(ids, mask)
+        logits = bb.logits(hidden[:, -1], bb.bank.presence(ids)).float()
+        return torch.softmax(logits[:, [yes, no]], -1)[:, 0].tolist()
+
+    # ---- generation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, negative: str = "", seed: int = 0, num_images: int = 1,
+                 steps: int = 25, guidance: float = 5.0, size: Optional[int] = None, scheduler: Optional[str] = None,
+                 batched_cfg: bool = True) -> tuple[Tensor, list[GenerationSettings]]:
+        """Images (N, 3, H, W) in [0, 1] for every prompt x `num_images`; image i of a prompt uses seed + i,
+        so a batch of prompts gives the same images as one call per prompt."""
+        for text in (*prompts, negative):
+            self._check_prompt(text)
+        texts = [p for p in prompts for _ in range(num_images)]
+        seeds = [seed + i for _ in prompts for i in range(num_images)]
+        try:
+            cond = self.model.condition(*self.model.encode_batch(texts, mode="gen"))
+            uncond = self.model.condition(*self.model.encode_batch([negative] * len(texts), mode="gen"))
+        except PromptError as err:
+            raise InputError(str(err)) from err
+        images = self.model.decoder.sample(
+            cond, uncond, num_steps=steps, guidance=guidance, height=size, width=size, scheduler=scheduler,
+            generator=[torch.Generator().manual_seed(s) for s in seeds], batched_cfg=batched_cfg)
+        files = sorted(set(self.files.values()))
+        settings = [GenerationSettings(t, negative, s, steps, guidance, size, scheduler, files)
+                    for t, s in zip(texts, seeds)]
+        return images, settings
+
+
+def save_images(images: Tensor, settings: Sequence[GenerationSettings], out_dir: str | os.PathLike,
+                fingerprints: dict[str, str]) -> list[Path]:
+    """PNG + JSON sidecar per image, and grid.png; each file appears whole (atomic) or not at all."""
+    import json
+    import re
+
+    from torchvision.utils import make_grid, save_image
+
+    from unipers import __version__
+    from unipers.io import atomic_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image, s in zip(images, settings):
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", s.prompt).strip("_")[:48] or "image"
+        png = out / f"{slug}_seed{s.seed}.png"
+        with atomic_file(png, suffix=".png") as tmp:
+            save_image(image, tmp, format="png")
+        with atomic_file(png.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps({**s.to_dict(), "fingerprints": fingerprints, "unipers_version": __version__},
+                                      indent=2) + "\n")
+        written.append(png)
+    with atomic_file(out / "grid.png", suffix=".png") as tmp:
+        save_image(make_grid(images, nrow=min(len(images), 8), padding=2), tmp, format="png")
+    return written

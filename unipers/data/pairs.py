@@ -45,7 +45,8 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return (dist.get_rank() if rank is None else rank), (dist.get_world_size() if world_size is None else world_size)
+        rank = dist.get_rank() if rank is None else rank
+        world_size = dist.get_world_size() if world_size is None else world_size
     return rank or 0, world_size or 1
 
 
@@ -112,7 +113,7 @@ def expand_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> li
             nxt += [p[:m.start()] + str(i).zfill(width) + p[m.end():] for i in range(lo, hi + 1)]
         patterns = nxt
     for p in patterns:
-        found = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
+        found = sorted(glob.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.isfile(p) else [])
         if not found:
             raise FileNotFoundError(f"no shard matches {p}")
         out += found

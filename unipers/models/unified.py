@@ -80,8 +80,19 @@ class UnifiedModel(nn.Module):
         model = cls(backbone, connector, decoder)
         if c.path:
             model.check_connector(c.path)
+            model.apply_aligned_decoder(c.path)
         model.freeze_connector()
         return model
+
+    def apply_aligned_decoder(self, connector_path: str | os.PathLike) -> None:
+        """If align also trained the decoder, its delta sits beside the connector: apply it. The decoder's
+        fingerprint then names the aligned decoder, so concept files record which one they were made with."""
+        from unipers.training.align import apply_decoder_delta, decoder_delta_path
+
+        delta = decoder_delta_path(connector_path)
+        if delta.is_file():
+            apply_decoder_delta(self.decoder, delta)
+            self.decoder_fingerprint = fingerprint(self.decoder, config_fields(self.decoder.unet.config))
 
     # ---- identity ---------------------------------------------------------------------------------------
     @property

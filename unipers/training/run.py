@@ -132,11 +132,49 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, validate: bool = True):
 
 
 def train(cfg, callbacks: Sequence = ()) -> Path:
-    if cfg.stage == "align":
-        from unipers.training.align import run_align
+    return (run_align if cfg.stage == "align" else run_personalize)(cfg, callbacks)
 
-        return run_align(cfg, callbacks)
-    return run_personalize(cfg, callbacks)
+
+def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
+    """Train the connector (and optionally decoder LoRA / blocks) on image-caption pairs; writes
+    ``RUN/connector.safetensors`` (+ ``connector.decoder.safetensors`` when the decoder trained)."""
+    import lightning as L
+
+    from unipers.config import ConfigError
+    from unipers.data.pairs import build_align_data
+    from unipers.models.unified import UnifiedModel
+    from unipers.training.align import AlignModule, decoder_delta_path
+
+    if not cfg.data.pairs:
+        raise ConfigError("data.pairs is empty: give a folder with captions.jsonl, or a glob of tar shards")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir, t, a = Path(cfg.run_dir), cfg.trainer, cfg.align
+    model = UnifiedModel.from_config(cfg)
+    module = AlignModule(model, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=a.warmup_steps,
+                         max_steps=t.max_steps, train_decoder=a.train_decoder, lora_rank=a.lora_rank,
+                         unfreeze_blocks=tuple(a.unfreeze_blocks), seed=cfg.seed)
+    pairs = Path(cfg.data.pairs)
+
+    class Pairs(L.LightningDataModule):
+        def train_dataloader(self):  # built here, so ranks are known
+            return build_align_data("folder" if pairs.is_dir() else "shards", cfg.data.pairs,
+                                    image_size=model.decoder.image_size, batch_size=cfg.data.batch_size,
+                                    num_workers=cfg.data.num_workers, seed=cfg.seed,
+                                    rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+
+    ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
+    out = run_dir / "connector.safetensors"
+    if ckpt is None and out.exists():
+        raise FileExistsError(f"{run_dir} holds a finished align run; use a new run_dir, or ckpt_path=last")
+    write_run_info(cfg, run_dir, model.fingerprints)
+    trainer = build_trainer(cfg, run_dir, list(extra_callbacks), validate=False)
+    trainer.fit(module, datamodule=Pairs(), ckpt_path=ckpt)
+    if trainer.is_global_zero:
+        module.save_connector(out)
+        if a.train_decoder != "none":
+            fps = {f"{kind}_fingerprint": value for kind, value in model.fingerprints.items()}
+            module.save_decoder_delta(decoder_delta_path(out), {**fps, "stage": "align"})
+    return run_dir
 
 
 def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:

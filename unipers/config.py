@@ -217,6 +217,58 @@ class AlignConfig:
 
 
 @dataclass
+class SlurmConfig:
+    partition: Optional[str] = None
+    """#SBATCH --partition."""
+    account: Optional[str] = None
+    """#SBATCH --account."""
+    qos: Optional[str] = None
+    """#SBATCH --qos."""
+    constraint: Optional[str] = None
+    """#SBATCH --constraint (e.g. a100|h100)."""
+    time: str = "04:00:00"
+    """Wall-clock limit; Lightning checkpoints and requeues 90 s before it (SIGUSR1)."""
+    gpus_per_node: Optional[int] = None
+    """GPUs to ask for per node (default: trainer.devices when the accelerator is a GPU, else none)."""
+    cpus_per_task: int = 8
+    """CPUs per task (one task per GPU)."""
+    mem_per_task: Optional[str] = None
+    """Memory per task, e.g. 64G (#SBATCH --mem-per-cpu is derived from it)."""
+    concepts_per_task: int = 1
+    """Concept arrays: concepts trained together in one array task (fill a GPU)."""
+    max_parallel: Optional[int] = None
+    """Concept arrays: at most this many array tasks at once (%N)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before training: module loads, venv activation."""
+    extra: list[str] = field(default_factory=list)
+    """Free-form #SBATCH directives, e.g. "--mail-type=END"."""
+    requeue: bool = True
+    """Requeue on preemption / time limit and resume from the last checkpoint."""
+
+
+@dataclass
+class EvalConfig:
+    clip_path: Optional[str] = None
+    """Local CLIP folder (transformers CLIPModel + processor) for CLIP-I / CLIP-T."""
+    dino_path: Optional[str] = None
+    """Local DINO / DINOv2 folder (transformers AutoModel + image processor) for DINO similarity."""
+    prompts: list[str] = field(default_factory=list)
+    """Generation prompts with {concept}; empty = the built-in DreamBench-style templates."""
+    images_per_prompt: int = 4
+    """Seeded images per prompt."""
+    steps: int = 25
+    """Sampling steps."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """First seed; image i of a prompt uses seed + i."""
+    max_new_tokens: int = 48
+    """Token limit for generated answers and captions."""
+    baselines: list[str] = field(default_factory=lambda: ["none", "text", "image"])
+    """Untrained-base rows: none (no personal info), text (a description in the prompt), image (a photo in context)."""
+
+
+@dataclass
 class Config:
     seed: int = 0
     """Global seed."""
@@ -234,6 +286,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     personalize: PersonalizeConfig = field(default_factory=PersonalizeConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check_choice("stage", self.stage, ("personalize", "align"))

@@ -54,31 +54,7 @@ WARMUP = 2
 GiB = 1024**3
 
 
-# ---- memory probes (Linux) -------------------------------------------------------------------------------
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def hwm_bytes() -> int:
-    return _status_kb("VmHWM") * 1024
-
-
-def reset_hwm() -> bool:
-    """Reset the peak-RSS counter (VmHWM, and with it ru_maxrss) to the current RSS; False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from _memory import hwm_bytes, reset_hwm, rss_bytes  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def ru_maxrss_bytes() -> int:

@@ -31,6 +31,7 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "tqdm>=4.66",
+        "matplotlib>=3.8",  # unipers eval --run: metrics against training step
     ],
     extras_require={
         "dev": ["pytest>=8"],

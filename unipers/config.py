@@ -264,6 +264,8 @@ class EvalConfig:
     """First seed; image i of a prompt uses seed + i."""
     max_new_tokens: int = 48
     """Token limit for generated answers and captions."""
+    batch_size: int = 8
+    """Prompts per forward pass when scoring answers (recognition, options, captions)."""
     baselines: list[str] = field(default_factory=lambda: ["none", "text", "image"])
     """Untrained-base rows: none (no personal info), text (a description in the prompt), image (a photo in context)."""
 

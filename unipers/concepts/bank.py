@@ -139,6 +139,12 @@ class ConceptBank(nn.Module):
         self.info[name] = info
         return info
 
+    def clear(self) -> None:
+        """Remove every concept (ids restart after the base vocabulary)."""
+        for name in list(self.info):
+            del self.rows[name]
+        self.info.clear()
+
     def concept_rows(self, name: str) -> ConceptRows:
         return self.rows[name]
 

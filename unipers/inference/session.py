@@ -74,6 +74,11 @@ class InferenceSession:
         self.files.update({n: str(path) for n in names})
         return names
 
+    def unload(self) -> None:
+        """Remove every loaded concept (e.g. before loading the next step file of the same run)."""
+        self.model.bank.clear()
+        self.files.clear()
+
     # ---- checks -----------------------------------------------------------------------------------------
     def _check_prompt(self, text: str) -> None:
         vocab = self.model.prompts.vocab

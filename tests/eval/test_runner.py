@@ -1,0 +1,185 @@
+"""The benchmark on the tiny models: negatives, the logit decision, option likelihood, and `unipers eval`
+end to end (report files that agree with metrics.json, baselines, --no-generation, --compare, --run)."""
+
+import hashlib
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from unipers.config import load_config
+from unipers.data.manifest import Sample
+from unipers.eval import runner
+from unipers.eval.prompts import PERSONAL
+from unipers.eval.runner import Evaluator
+from unipers.eval.scoring import Prompter, answer_logprobs
+from unipers.eval.targets import load_targets
+from unipers.inference import InferenceSession
+
+FAST = ["eval.max_new_tokens=4", "eval.steps=2", "eval.images_per_prompt=1", "eval.batch_size=4",
+        "eval.prompts=['a photo of {concept}','{concept} in the snow']"]
+
+
+@pytest.fixture(scope="module")
+def session(eval_concept_files):
+    s = InferenceSession.from_config(load_config([]))
+    s.load(eval_concept_files["bo"])
+    s.load(eval_concept_files["mam"])
+    return s
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return load_config([], FAST).eval
+
+
+def test_negatives_are_other_concepts_held_out_photos(prepared_concepts):
+    targets = load_targets(prepared_concepts)
+    bo, mam = targets["bo"], targets["mam"]
+    assert bo.split == "val" and len(bo.positives) == 1  # 4 questions about 1 val photo: asked once
+    assert bo.negatives == mam.positives and mam.negatives == bo.positives
+    assert load_targets(prepared_concepts, ["bo"])["bo"].negatives == []  # only evaluated concepts count
+    with pytest.raises(ValueError, match="no prepared folder for concept.*rex"):
+        load_targets(prepared_concepts, ["rex"])
+
+
+def test_an_always_yes_model_scores_one_zero_and_a_half(session, settings, prepared_concepts, monkeypatch):
+    def always_yes(session_, seqs, batch_size=8):
+        logits = torch.zeros(len(seqs), 10_000)
+        logits[:, ev.yes_id] = 5.0
+        return logits
+
+    ev = Evaluator(session, settings)
+    monkeypatch.setattr(runner, "first_token_logits", always_yes)
+    metrics, counts = ev.evaluate(load_targets(prepared_concepts)["bo"], PERSONAL)
+    assert (metrics["recognition/pos"], metrics["recognition/neg"], metrics["recognition/weighted"]) == (1.0, 0.0, 0.5)
+    assert counts["recognition/n_pos"] == 1 and counts["recognition/n_neg"] == 1
+    assert 0.0 <= metrics["caption/recall"] <= 1.0 and "clip_i" not in metrics  # no CLIP: no generation metrics
+
+
+def test_option_likelihood_picks_the_option_the_model_makes_most_likely(session, settings, prepared_concepts):
+    target = load_targets(prepared_concepts, ["bo"])["bo"]
+    options = {"A": "a red collar", "B": "blue", "C": "<bo> wears a long green scarf"}
+    p = Prompter(session, target, PERSONAL)
+    prompt = p.question("What does <bo> wear?")
+    batched = answer_logprobs(session, [prompt] * 3, [p.answer(t) for t in options.values()], batch_size=3)
+    independent = {}
+    for letter, text in options.items():  # one unpadded sequence at a time, from the full logits
+        answer = p.answer(text)
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logp = torch.log_softmax(session.backbone.full_logits(ids).float(), -1)[0]
+        independent[letter] = [float(logp[len(prompt) + j - 1, tok]) for j, tok in enumerate(answer)]
+    for got, (letter, want) in zip(batched, independent.items()):
+        assert got == pytest.approx(want, abs=1e-4), letter
+    best_sum = max(independent, key=lambda k: sum(independent[k]))
+    best_mean = max(independent, key=lambda k: sum(independent[k]) / len(independent[k]))
+    ev = Evaluator(session, settings)
+    for gold in options:
+        sample = Sample("qa", "bo", "test", question="What does <bo> wear?", answer=gold, options=options)
+        metrics, _ = {}, {}
+        ev._choices("qa", [sample], p, metrics, {})
+        assert metrics["qa/sum"] == float(gold == best_sum) and metrics["qa/mean"] == float(gold == best_mean)
+
+
+def with_choice_questions(prepared_concepts, root):
+    """Copies of the prepared folders; bo's gets a held-out vqa and a text qa multiple-choice question."""
+    folders = [shutil.copytree(f, root / f.name) for f in prepared_concepts]
+    extra = [Sample("vqa", "bo", "test", image="images/val_000.png", question="What colour is <bo>?", answer="A",
+                    options={"A": "orange", "B": "blue"}),
+             Sample("qa", "bo", "test", question="What does <bo> wear?", answer="A",
+                    options={"A": "a red collar", "B": "a green hat", "C": "nothing"})]
+    with open(folders[0] / "manifest.jsonl", "a") as f:
+        f.writelines(s.to_json() + "\n" for s in extra)
+    return folders
+
+
+def markdown_numbers(report: str) -> dict:
+    """(method, checkpoint, concept, column) -> the number printed in report.md's first table."""
+    lines = [line for line in report.split("\n\n")[1].splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for col, cell in zip(header[3:], cells[3:]):
+            out[(*cells[:3], col)] = None if cell == "–" else float(cell)
+    return out
+
+
+def test_unipers_eval_end_to_end(prepared_concepts, eval_concept_files, clip_dir, dino_dir, tmp_path, capsys):
+    from unipers.cli import main
+    from unipers.eval.prompts import METHOD_TITLES
+    from unipers.eval.report import COLUMNS
+
+    data = with_choice_questions(prepared_concepts, tmp_path / "data")
+    files = [str(eval_concept_files["bo"]), str(eval_concept_files["mam"])]
+    base = ["eval", "--concept", *files, "--data", *map(str, data)] + [a for s in FAST for a in ("--set", s)]
+    models = ["--set", f"eval.clip_path={clip_dir}", "--set", f"eval.dino_path={dino_dir}"]
+    out = tmp_path / "full"
+    assert main(base + models + ["--out", str(out), "--baselines"]) == 0
+
+    result = json.loads((out / "metrics.json").read_text())
+    bo, mam = result["concepts"]["bo"], result["concepts"]["mam"]
+    for key in ("recognition/weighted", "recognition_text/weighted", "recognition_text/unparsed", "caption/recall",
+                "clip_i", "clip_t", "dino", "vqa/sum", "vqa/mean", "vqa/generation", "qa/sum", "qa/generation"):
+        assert bo[key] is not None and 0.0 - 1 <= bo[key] <= 1.0, key
+    assert "vqa/sum" not in mam and result["mean"]["clip_i"] == pytest.approx((bo["clip_i"] + mam["clip_i"]) / 2)
+    assert [b["method"] for b in result["results"]] == ["personal", "none", "text", "image"]
+    assert result["settings"]["steps"] == 2 and result["settings"]["templates"] == ["a photo of {concept}",
+                                                                                      "{concept} in the snow"]
+    assert result["results"][0]["counts"]["bo"]["generation/n_images"] == 2
+    for path in files:
+        record = result["concept_files"][path]
+        assert record["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    for name in ("bo", "mam", "bo_base-none", "mam_base-image"):
+        assert (out / "grids" / f"{name}.png").is_file(), name
+
+    printed = markdown_numbers((out / "report.md").read_text())
+    checked = 0
+    for block in result["results"]:
+        for concept, values in [*block["concepts"].items(), ("mean", block["mean"])]:
+            for key, value in values.items():
+                cell = printed[(METHOD_TITLES[block["method"]], block["checkpoint"], concept, COLUMNS[key])]
+                assert cell == (None if value is None else round(value, 4)), (block["method"], concept, key)
+                checked += 1
+    assert checked > 100
+
+    # Without a CLIP path the run stops before any work, naming the key to set ...
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(base + ["--out", str(tmp_path / "none")])
+    assert "eval.clip_path" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    # ... and --no-generation still gives every understanding metric.
+    quick = tmp_path / "quick"
+    assert main(base + ["--out", str(quick), "--no-generation"]) == 0
+    understanding = json.loads((quick / "metrics.json").read_text())["concepts"]["bo"]
+    assert "clip_i" not in understanding
+    assert {k: v for k, v in bo.items() if k in understanding} == understanding  # same seeds, same answers
+
+    capsys.readouterr()
+    assert main(["eval", "--compare", str(out), str(quick)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"concept file\s+bo\s+Rec\. weighted\s+\S+\s+\S+\s+\+0\.0000", table)
+    assert re.search(r"concept file\s+mean\s+CLIP-I\s+\d\.\d{4}\s+–\s+–", table)
+
+
+def test_eval_over_a_runs_step_files_plots_curves(eval_concept_files, prepared_concepts, tmp_path):
+    from unipers.cli import main
+    from unipers.models.unified import UnifiedModel
+
+    model = UnifiedModel.from_config(load_config([]))
+    model.load_concepts(eval_concept_files["bo"])
+    concepts = tmp_path / "run" / "concepts"
+    for name, step in (("step_000010", 10), ("step_000020", 20), ("last", 20)):
+        model.save_concepts(concepts / f"{name}.safetensors", extra={"step": str(step)})
+    out = tmp_path / "curve"
+    argv = ["eval", "--run", str(tmp_path / "run"), "--data", *map(str, prepared_concepts), "--out", str(out),
+            "--no-generation", *[a for s in FAST for a in ("--set", s)]]
+    assert main(argv) == 0
+    result = json.loads((out / "metrics.json").read_text())
+    assert [(b["checkpoint"], b["step"]) for b in result["results"]] == [("step_000010", 10), ("step_000020", 20),
+                                                                          ("last", 20)]
+    assert (out / "curves.png").stat().st_size > 1000 and "Over training" in (out / "report.md").read_text()
+    assert list(result["concepts"]) == ["bo"]  # mam has a folder but no concept file: not evaluated

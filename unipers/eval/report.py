@@ -1,0 +1,184 @@
+"""Benchmark outputs: metrics.json, report.md, image grids, training curves, and run comparisons.
+
+    write_all(result, "eval/bo")         # metrics.json + report.md (+ curves.png when curves=True)
+    compare("eval/a", "eval/b")          # text table of both runs' metrics with deltas (unipers eval --compare)
+
+report.md is rendered from the same dict that metrics.json holds, with every number rounded to 4 places,
+so a test can check that the table says what the JSON says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+from unipers.eval.prompts import METHOD_TITLES, PERSONAL
+
+# metric key -> column header, in table order; keys not listed follow in the order they appear
+COLUMNS = {
+    "recognition/weighted": "Rec. weighted", "recognition/pos": "Rec. pos", "recognition/neg": "Rec. neg",
+    "recognition_text/weighted": "Rec. text weighted", "recognition_text/pos": "Rec. text pos",
+    "recognition_text/neg": "Rec. text neg", "recognition_text/unparsed": "Rec. text unparsed",
+    "vqa/sum": "VQA LL-sum", "vqa/mean": "VQA LL-mean", "vqa/generation": "VQA gen", "vqa/unparsed": "VQA unparsed",
+    "qa/sum": "QA LL-sum", "qa/mean": "QA LL-mean", "qa/generation": "QA gen", "qa/unparsed": "QA unparsed",
+    "caption/recall": "Caption recall", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO",
+}
+
+NOTES = """\
+- Recognition: positives are the concept's held-out photos (test split if the manifest has one, else val),
+  negatives the same split's negative images plus the other evaluated concepts' held-out photos; each
+  distinct image is asked once ("Is <name> in this photo?"). *Rec.* decides by the answer's first-token
+  logits (Yes > No); *Rec. text* parses the generated answer (whole-word yes/no; both or neither is
+  unparsed and counted wrong). weighted = (pos + neg) / 2 (Yo'Chameleon).
+- Multiple choice: *LL-sum* / *LL-mean* pick the option whose text has the highest summed / mean per-token
+  log-probability as the answer; *gen* reads the option letter (or exact option text) from the generated
+  answer.
+- Caption recall: share of "Describe this photo." captions of held-out photos that name the concept
+  (its identifier token, or its name as a word).
+- CLIP-I / DINO: mean cosine over all (generated image, train photo) pairs; CLIP-T: mean cosine of each
+  generated image with its prompt, the concept written as its class word ("a photo of a dog"). All are
+  plain cosines of L2-normalized embeddings (CLIP-T is *not* CLIPScore's 100 x cosine), images
+  preprocessed by the checkpoint's own processor from 8-bit RGB.
+- Mean rows are macro means over concepts (each concept counts once)."""
+
+
+def fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4f}"
+
+
+def _columns(blocks: list[dict]) -> list[str]:
+    present = [k for b in blocks for m in (*b["concepts"].values(), b["mean"]) for k, v in m.items() if v is not None]
+    return [k for k in COLUMNS if k in present] + [k for k in dict.fromkeys(present) if k not in COLUMNS]
+
+
+def table_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the Markdown table: each block's concepts, then its mean row."""
+    keys = _columns(blocks)
+    header = ["method", "checkpoint", "concept", *(COLUMNS.get(k, k) for k in keys)]
+    rows = []
+    for b in blocks:
+        title = METHOD_TITLES.get(b["method"], b["method"])
+        for name, m in [*b["concepts"].items(), ("mean", b["mean"])]:
+            rows.append([title, b["checkpoint"], name, *(fmt(m.get(k)) for k in keys)])
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(result: dict) -> str:
+    blocks = result["results"]
+    personal = [b for b in blocks if b["method"] == PERSONAL]
+    main = personal[-1:] + [b for b in blocks if b["method"] != PERSONAL]
+    out = ["# unipers eval", ""]
+    if main:
+        out += [markdown_table(*table_rows(main)), ""]
+    if len(personal) > 1:
+        curve = [{**b, "concepts": {}} for b in personal]
+        out += ["## Over training (mean over concepts)", "", markdown_table(*table_rows(curve)), "",
+                "![metrics against training step](curves.png)", ""]
+    out += ["## How the numbers are computed", "", NOTES, "", "## Data", ""]
+    for name, d in result["data"].items():
+        counts = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("folder", "notes"))
+        out.append(f"- `{name}`: {d['folder']} ({counts})" + "".join(f"; {n}" for n in d.get("notes", [])))
+    out += ["", "## Concept files", ""]
+    for path, rec in result["concept_files"].items():
+        step = f", step {rec['step']}" if rec["step"] is not None else ""
+        out.append(f"- `{path}`: sha256 {rec['sha256'][:16]}…, base {rec['base_fingerprint']}, "
+                   f"concepts {', '.join(rec['concepts'])}{step}")
+    s = result["settings"]
+    out += ["", "## Settings", "", "```json", json.dumps(s, indent=2), "```", ""]
+    return "\n".join(out)
+
+
+def save_grid(images, per_row: int, path: Path) -> Path:
+    """uint8 (N, 3, H, W) images as one PNG, `per_row` images (one prompt's seeds) per row."""
+    from torchvision.utils import make_grid, save_image
+
+    from unipers.io import atomic_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, suffix=".png") as tmp:
+        save_image(make_grid(images.float() / 255, nrow=max(1, per_row), padding=2), tmp, format="png")
+    return path
+
+
+def plot_curves(result: dict, path: Path) -> Optional[Path]:
+    """The mean metrics of each checkpoint against its training step, one panel per metric family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unipers.io import atomic_file
+
+    blocks = [b for b in result["results"] if b["method"] == PERSONAL]
+    if not blocks:
+        return None
+    steps = [b["step"] if b["step"] is not None else i for i, b in enumerate(blocks)]
+    keys = _columns(blocks)
+    families: dict[str, list[str]] = {}
+    for k in keys:
+        families.setdefault(k.split("/")[0] if "/" in k else "generation", []).append(k)
+    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(4 * max(1, len(families)), 3.2), squeeze=False)
+    for ax, (family, ks) in zip(axes[0], families.items()):
+        for k in ks:
+            ax.plot(steps, [b["mean"].get(k) if b["mean"].get(k) is not None else float("nan") for b in blocks],
+                    marker="o", label=COLUMNS.get(k, k))
+        ax.set_title(family)
+        if family != "generation":  # accuracies and rates; cosines may be negative
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_all(result: dict, out: Path, curves: bool = False) -> None:
+    from unipers import __version__
+    from unipers.io import atomic_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    result.setdefault("unipers_version", __version__)
+    with atomic_file(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if curves:
+        plot_curves(result, out / "curves.png")
+    with atomic_file(out / "report.md") as tmp:
+        tmp.write_text(render_markdown(result), encoding="utf-8")
+
+
+def final_rows(result: dict) -> dict[tuple[str, str], dict]:
+    """(method, concept) -> metrics, for the last checkpoint of the concept files and each baseline."""
+    rows: dict[tuple[str, str], dict] = {}
+    for b in result["results"]:  # later blocks of a method (later checkpoints) replace earlier ones
+        for name, m in [*b["concepts"].items(), ("mean", b["mean"])]:
+            rows[(b["method"], name)] = m
+    return rows
+
+
+def compare(dir_a: str | Path, dir_b: str | Path) -> str:
+    """Both runs' metrics side by side, B - A in the last column."""
+    a, b = (json.loads((Path(d) / "metrics.json").read_text(encoding="utf-8")) for d in (dir_a, dir_b))
+    ra, rb = final_rows(a), final_rows(b)
+    header = ["method", "concept", "metric", f"A ({Path(dir_a).name})", f"B ({Path(dir_b).name})", "B - A"]
+    rows = []
+    for key in dict.fromkeys([*ra, *rb]):
+        ma, mb = ra.get(key, {}), rb.get(key, {})
+        for metric in dict.fromkeys([*ma, *mb]):
+            va, vb = ma.get(metric), mb.get(metric)
+            delta = f"{vb - va:+.4f}" if va is not None and vb is not None else "–"
+            title = METHOD_TITLES.get(key[0], key[0])
+            rows.append([title, key[1], COLUMNS.get(metric, metric), fmt(va), fmt(vb), delta])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])

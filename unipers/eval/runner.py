@@ -1,0 +1,301 @@
+"""The benchmark over concept files and prepared folders: one row per (method, concept), then means.
+
+    from unipers.eval.runner import EvalRequest, run_eval
+    result = run_eval(cfg, EvalRequest(concept_files=["bo.safetensors"], data=["data/bo", "data/mam"],
+                                       out="eval/bo", baselines=True))   # metrics.json's content
+
+Methods: ``personal`` (the concept files) and the baselines of the untrained base, ``none`` / ``text`` /
+``image`` (see prompts.py). Each method answers the same held-out questions (targets.py):
+
+- recognition from the logits (P(Yes) > P(No) for the answer's first token) and from the generated
+  answer parsed strictly (whole-word yes/no; both or neither is unparsed, counted wrong);
+- multiple choice (vqa, qa) by option likelihood (sum and mean of the option text's token log-probs
+  after the question) and by the generated answer's option letter or text;
+- caption recall ("Describe this photo."): the caption names the concept;
+- generation over the prompt templates: CLIP-I, CLIP-T (cosine), DINO; the images go to a grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from unipers.eval import metrics as M
+from unipers.eval.prompts import (BASELINES, CAPTION_QUESTION, GENERATION_TEMPLATES, IMAGE, PERSONAL,
+                                  RECOGNITION_QUESTION, check_templates, choice_question, class_prompt,
+                                  generation_prompt)
+from unipers.eval.scoring import Prompter, answer_logprobs, first_token_logits, generate_answers
+from unipers.eval.targets import EvalTarget, content_key, expand_data_dirs, load_targets
+
+
+@dataclass
+class EvalRequest:
+    concept_files: Sequence[str | Path] = ()
+    data: Sequence[str | Path] = ()
+    out: str | Path = "eval"
+    baselines: bool = False
+    generation: bool = True
+    run_dir: Optional[str | Path] = None
+    device: Optional[str] = None
+
+
+class Evaluator:
+    """Scores targets with one session; image tokens and reference embeddings are computed once."""
+
+    def __init__(self, session, settings, *, clip=None, dino=None, grids: Optional[Path] = None):
+        self.session, self.s, self.clip, self.dino, self.grids = session, settings, clip, dino, grids
+        self.templates = check_templates(settings.prompts) if settings.prompts else list(GENERATION_TEMPLATES)
+        self._tokens: dict[str, Tensor] = {}
+        self._refs: dict[tuple[str, Path], dict[str, Tensor]] = {}
+        tok = session.backbone.tokenizer
+        self.yes_id, self.no_id = (tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+
+    def tokens(self, paths: Sequence[Path]) -> list[Tensor]:
+        """VQ tokens per image, encoded once per content (prepared folders hold copies of shared photos)."""
+        keys = [content_key(p) for p in paths]
+        missing = list({k: p for k, p in zip(keys, paths) if k not in self._tokens}.items())
+        for i in range(0, len(missing), self.s.batch_size):
+            chunk = missing[i:i + self.s.batch_size]
+            encoded = self.session.image_tokens([p for _, p in chunk])
+            self._tokens.update((k, t.cpu()) for (k, _), t in zip(chunk, encoded))
+        return [self._tokens[k] for k in keys]
+
+    def evaluate(self, target: EvalTarget, method: str, grid_name: Optional[str] = None) -> tuple[dict, dict]:
+        """(metrics, counts) of one concept under one method."""
+        ref = self.tokens(target.references[:1])[0] if target.references else None
+        if method == "image" and ref is None:
+            return {}, {"skipped": "no train photo to place in context"}
+        p = Prompter(self.session, target, method, ref)
+        metrics, counts = {}, {}
+        self._recognition(target, p, metrics, counts)
+        for task, samples in target.choices.items():
+            self._choices(task, samples, p, metrics, counts)
+        self._captions(target, p, metrics, counts)
+        if self.clip is not None:
+            self._generation(target, method, ref, metrics, counts, grid_name)
+        return metrics, counts
+
+    # ---- understanding ----------------------------------------------------------------------------------
+    def _answers(self, seqs: list[list[int]]) -> list[tuple[list[int], str]]:
+        return generate_answers(self.session, seqs, self.s.max_new_tokens, self.s.batch_size)
+
+    def _recognition(self, t: EvalTarget, p: Prompter, metrics: dict, counts: dict) -> None:
+        images, labels = [*t.positives, *t.negatives], [True] * len(t.positives) + [False] * len(t.negatives)
+        if not images:
+            return
+        question = f"{IMAGE}\n" + RECOGNITION_QUESTION.format(name=t.name)
+        seqs = [p.question(question, [tok]) for tok in self.tokens(images)]
+        logits = first_token_logits(self.session, seqs, self.s.batch_size)
+        by_logit = (logits[:, self.yes_id] > logits[:, self.no_id]).tolist()
+        by_text = [M.parse_yes_no(text) for _, text in self._answers(seqs)]
+        for key, decisions in (("recognition", by_logit), ("recognition_text", by_text)):
+            acc = M.recognition_accuracy(decisions, labels)
+            metrics.update({f"{key}/{k}": acc[k] for k in ("pos", "neg", "weighted")})
+            if key == "recognition_text":
+                metrics[f"{key}/unparsed"] = acc["unparsed_rate"]
+                counts[f"{key}/unparsed"] = acc["unparsed"]
+        counts.update({"recognition/n_pos": len(t.positives), "recognition/n_neg": len(t.negatives)})
+
+    def _choices(self, task: str, samples, p: Prompter, metrics: dict, counts: dict) -> None:
+        if not samples:
+            return
+        prompts, answers, owners = [], [], []
+        gen_seqs, texts = [], []
+        for i, s in enumerate(samples):
+            images = self.tokens([p.target.folder / s.image]) if s.image else []
+            head = f"{IMAGE}\n" * len(images)
+            q = p.question(head + s.question, images)
+            for letter, text in s.options.items():
+                prompts.append(q)
+                answers.append(p.answer(text))
+                owners.append((i, letter))
+            gen_seqs.append(p.question(head + choice_question(s.question, s.options), images))
+            texts.append({k: p.rewrite(v) for k, v in s.options.items()})
+        logprobs = answer_logprobs(self.session, prompts, answers, self.s.batch_size)
+        per_sample: list[dict[str, list[float]]] = [{} for _ in samples]
+        for (i, letter), lp in zip(owners, logprobs):
+            per_sample[i][letter] = lp
+        by_sum, by_mean = zip(*(M.option_choices(d) for d in per_sample))
+        parsed = [M.parse_option(text, opts) for (_, text), opts in zip(self._answers(gen_seqs), texts)]
+        gold = [s.answer for s in samples]
+        metrics.update({f"{task}/sum": M.accuracy(by_sum, gold), f"{task}/mean": M.accuracy(by_mean, gold),
+                        f"{task}/generation": M.accuracy(parsed, gold),
+                        f"{task}/unparsed": sum(x is None for x in parsed) / len(parsed)})
+        counts.update({f"{task}/n": len(samples), f"{task}/unparsed": sum(x is None for x in parsed)})
+
+    def _captions(self, t: EvalTarget, p: Prompter, metrics: dict, counts: dict) -> None:
+        if not t.positives:
+            return
+        seqs = [p.question(f"{IMAGE}\n{CAPTION_QUESTION}", [tok]) for tok in self.tokens(t.positives)]
+        named = [M.names_concept(text, t.name, ids, p.identifier_id) for ids, text in self._answers(seqs)]
+        metrics["caption/recall"] = M.caption_recall(named)
+        counts["caption/n"] = len(named)
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def _references(self, t: EvalTarget) -> dict[str, Tensor]:
+        key = (t.name, t.folder)
+        if key not in self._refs:
+            from unipers.eval.models import open_photos
+
+            photos = open_photos(t.references)
+            self._refs[key] = {"clip": self.clip.images(photos),
+                               "dino": self.dino.images(photos) if self.dino is not None else None}
+        return self._refs[key]
+
+    def _draw(self, prompt: str, method: str, ref: Optional[Tensor]) -> Tensor:
+        s, n = self.s, self.s.images_per_prompt
+        if method != "image":
+            return self.session.generate([prompt], seed=s.seed, num_images=n, steps=s.steps, guidance=s.guidance)[0]
+        # A photo in context: the base reads it like a question's image; the connector sees those states.
+        model = self.session.model
+        cond = model.condition(*model.encode_batch([prompt] * n, mode="plain", images=[[ref]] * n))
+        uncond = model.condition(*model.encode_batch([""], mode="plain"))
+        gens = [torch.Generator().manual_seed(s.seed + i) for i in range(n)]
+        return model.decoder.sample(cond, uncond, num_steps=s.steps, guidance=s.guidance, generator=gens)
+
+    @torch.no_grad()
+    def _generation(self, t: EvalTarget, method: str, ref: Optional[Tensor], metrics: dict, counts: dict,
+                    grid_name: Optional[str]) -> None:
+        from unipers.eval.prompts import context
+
+        prefix, _ = context(t.name, method, t.class_word, t.facts)
+        clip_img, dino_img, drawn, class_texts = [], [], [], []
+        for template in self.templates:
+            images = self._draw(prefix + generation_prompt(template, t.name, method, t.class_word), method, ref)
+            clip_img.append(self.clip.images(images))
+            if self.dino is not None:
+                dino_img.append(self.dino.images(images))
+            drawn.append((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            if t.class_word:
+                class_texts += [class_prompt(template, t.class_word)] * len(images)
+        gen = torch.cat(clip_img)
+        counts["generation/n_images"] = len(gen)
+        if t.references:
+            refs = self._references(t)
+            metrics["clip_i"] = M.mean_pairwise_cosine(gen, refs["clip"])
+            if self.dino is not None:
+                metrics["dino"] = M.mean_pairwise_cosine(torch.cat(dino_img), refs["dino"])
+        if class_texts:  # CLIP-T needs a class word to write the prompt without the concept
+            metrics["clip_t"] = M.mean_paired_cosine(gen, self.clip.texts(class_texts))
+        if self.grids is not None and grid_name:
+            from unipers.eval.report import save_grid
+
+            save_grid(torch.cat(drawn), self.s.images_per_prompt, self.grids / f"{grid_name}.png")
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """A run's concept files in step order, then last.safetensors (best_* are picks, not steps)."""
+    folder = Path(run_dir) / "concepts"
+    steps = sorted(folder.glob("step_*.safetensors"))
+    files = steps + ([folder / "last.safetensors"] if (folder / "last.safetensors").is_file() else [])
+    if not files:
+        raise FileNotFoundError(f"{folder}: no step_*.safetensors or last.safetensors to evaluate")
+    return files
+
+
+def unload_concepts(session) -> None:
+    """Empty the session's concept bank, so the next file may hold the same names (a run's step files)."""
+    session.unload()
+
+
+def file_record(path: Path) -> dict:
+    """What identifies a concept file: its SHA-256, the base it was trained on, its concepts and step."""
+    import hashlib
+
+    from unipers.concepts.io import read_metadata
+
+    meta = read_metadata(path)
+    return {"sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "base_fingerprint": meta.get("base_fingerprint"), "decoder_fingerprint": meta.get("decoder_fingerprint"),
+            "connector_fingerprint": meta.get("connector_fingerprint"),
+            "concepts": [c["name"] for c in meta["concepts"]], "step": int(meta["step"]) if "step" in meta else None}
+
+
+def _block(method: str, label: str, step, files, rows: dict[str, tuple[dict, dict]]) -> dict:
+    keys = list(dict.fromkeys(k for m, _ in rows.values() for k in m))
+    mean = {k: M.mean_of([m.get(k) for m, _ in rows.values()]) for k in keys}
+    return {"method": method, "checkpoint": label, "step": step, "files": [str(f) for f in files],
+            "concepts": {n: m for n, (m, _) in rows.items()}, "counts": {n: c for n, (_, c) in rows.items()},
+            "mean": mean}
+
+
+def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None] = None) -> dict:
+    """Evaluate, write metrics.json, report.md and grids (and curves.png for a run); returns the results.
+
+    A `session` passed in is reused (and left with no concepts loaded); by default one is built from `cfg`."""
+    from unipers.eval import report
+    from unipers.eval.models import ClipEmbedder, DinoEmbedder
+    from unipers.inference.session import InferenceSession
+
+    log = log or (lambda m: print(m, file=sys.stderr))
+    out = Path(request.out)
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = cfg.eval
+    if settings.prompts:
+        check_templates(settings.prompts)
+    unknown = [b for b in settings.baselines if b not in BASELINES]
+    if unknown:
+        raise ValueError(f"eval.baselines: unknown {', '.join(unknown)} (choose from {', '.join(BASELINES)})")
+    folders = expand_data_dirs(request.data)
+    files = run_checkpoints(Path(request.run_dir)) if request.run_dir else [Path(f) for f in request.concept_files]
+    if not files and not request.baselines:
+        raise ValueError("nothing to evaluate: give --concept FILE, --run RUN_DIR or --baselines")
+    records = {str(f): file_record(f) for f in files}
+    if request.run_dir:  # last.safetensors is often the newest step file again: evaluate it once
+        unique: dict[str, Path] = {}
+        for f in files:
+            unique.setdefault(records[str(f)]["sha256"], f)
+        files = list(unique.values())
+    clip = dino = None
+    if request.generation:  # fail on a missing metric model before any slow work
+        clip = ClipEmbedder.load(settings.clip_path, device)
+        dino = DinoEmbedder.load(settings.dino_path, device)
+    session = session or InferenceSession.from_config(cfg, device=device)
+    grids = out / "grids"
+    ev = Evaluator(session, settings, clip=clip, dino=dino, grids=grids)
+    groups = ([(f.stem, records[str(f)]["step"], [f]) for f in files] if request.run_dir
+              else [("concepts", None, files)] if files else [])
+    blocks, evaluated = [], None
+    for i, (label, step, group) in enumerate(groups):
+        unload_concepts(session)
+        names = [n for f in group for n in session.load(f)]
+        targets = load_targets(folders, names)
+        evaluated = evaluated or targets
+        last = i == len(groups) - 1
+        rows = {}
+        for name, t in targets.items():
+            log(f"eval: {label} {name}")
+            grid = name if last else f"{name}_{label}"
+            rows[name] = ev.evaluate(t, PERSONAL, grid)
+        blocks.append(_block(PERSONAL, label, step, group, rows))
+    if request.baselines:
+        unload_concepts(session)  # the untrained base: no concept rows at all
+        targets = evaluated if evaluated is not None else load_targets(folders)
+        for method in settings.baselines:
+            rows = {}
+            for name, t in targets.items():
+                log(f"eval: base ({method}) {name}")
+                rows[name] = ev.evaluate(t, method, f"{name}_base-{method}")
+            blocks.append(_block(method, "base", None, [], rows))
+    targets = evaluated if evaluated is not None else load_targets(folders)
+    result = {
+        "settings": {**dataclasses.asdict(settings), "generation": request.generation,
+                     "templates": ev.templates if request.generation else [], "device": device},
+        "config": dataclasses.asdict(cfg),
+        "models": {"backbone": cfg.backbone.path, "decoder": cfg.decoder.path, "connector": cfg.connector.path,
+                   "fingerprints": session.model.fingerprints},
+        "concept_files": records,
+        "data": {n: {"folder": str(t.folder), **t.counts(), "notes": t.notes} for n, t in targets.items()},
+        "results": blocks,
+    }
+    final = [b for b in blocks if b["method"] == PERSONAL]
+    if final:
+        result["concepts"], result["mean"] = final[-1]["concepts"], final[-1]["mean"]
+    report.write_all(result, out, curves=bool(request.run_dir))
+    return result

@@ -22,8 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("unipers.inference.ask", "answer questions about your concepts (--chat for several turns)"),
     "recognize": ("unipers.inference.recognize", "is the concept in these images? a probability per image"),
     "generate": ("unipers.inference.generate", "draw your concepts in new scenes (PNG + grid + JSON sidecar)"),
+    "eval": ("unipers.eval.cli", "benchmark concepts (recognition, VQA, captions, CLIP-I/T, DINO) with a report"),
     "tiny": ("unipers.models.tiny", "build the embedded tiny base models (no downloads)"),
     "export": ("unipers.concepts.export", "merge concept files into a plain Hugging Face checkpoint"),
+    "slurm": ("unipers.launch.cli", "submit align / personalize jobs and concept arrays to Slurm; status, collect"),
 }
 
 

@@ -3,7 +3,6 @@
 import collections
 
 import pytest
-import torch
 from PIL import Image
 
 from unipers.config import load_config

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from unipers import cli
 from unipers.data.importers import import_yochameleon, import_yollava, read_yochameleon, read_yollava_qa
 from unipers.data.manifest import read_prepared
-from synthetic import shape_image, write_photos
+from synthetic import write_photos
 
 
 @pytest.fixture

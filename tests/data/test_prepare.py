@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -16,7 +15,6 @@ from unipers.data import samples as samples_mod
 from unipers.data.images import PhotoError
 from unipers.data.manifest import Sample, atomic_dir, read_manifest, read_prepared
 from unipers.data.prepare import PrepareOptions, prepare_concept, split_indices
-from synthetic import shape_image, write_photos, write_pool
 
 FAST = PrepareOptions(n_soft=3, n_hard=6, n_easy=4, near_duplicate=0.995, quiet=True, batch_size=16)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from unipers.data import retrieval
 from unipers.data.prepare import PrepareOptions, prepare_concept
 from unipers.data.retrieval import ClipEmbedder, embed_pool, select_from_pool, similarity_to_slots
-from synthetic import shape_image, write_photos, write_pool
+from synthetic import shape_image, write_pool
 
 OPTS = dict(n_soft=4, n_hard=8, n_easy=5, near_duplicate=0.995, quiet=True, batch_size=16)
 

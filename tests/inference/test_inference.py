@@ -10,7 +10,6 @@ from PIL import Image
 
 from unipers.config import load_config
 from unipers.inference import InferenceSession, InputError
-from unipers.inference.session import save_images
 from unipers.models.unified import UnifiedModel
 
 

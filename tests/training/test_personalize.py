@@ -74,7 +74,7 @@ def test_personalize_writes_a_concept_file_that_reloads(prepared_concepts, tmp_p
     files = sorted(p.name for p in (run / "concepts").iterdir())
     assert {"last.safetensors", "step_000002.safetensors", "step_000004.safetensors"} <= set(files)
     assert {"best_recognition.safetensors", "best_diffusion.safetensors"} & set(files)
-    for f in ("config.yaml", "run.json", "logs/metrics.csv"):
+    for f in ("config.yaml", "run.json", "logs/version_0/metrics.csv"):
         assert (run / f).is_file()
     assert list((run / "samples").glob("*.png")) and list((run / "samples").glob("*.md"))
     model = UnifiedModel.from_config(load_config([CONFIGS / "personalize.yaml"]))
@@ -134,7 +134,8 @@ def rows(run):
 
 def test_run_killed_by_sigterm_resumes_to_identical_rows(prepared_concepts, tmp_path, tiny_dirs):
     concepts = f"data.concepts=[{','.join(map(str, prepared_concepts))}]"
-    common = [concepts, *FAST, "trainer.max_steps=40", "trainer.checkpoint_every=3", "trainer.weight_decay=0.01"]
+    common = [concepts, *FAST, "trainer.max_steps=40", "trainer.checkpoint_every=3", "trainer.weight_decay=0.01",
+              "trainer.log_every=5"]
     full = cli_train([*common, f"run_dir={tmp_path / 'full'}"])
     assert full.wait(timeout=600) == 0, full.stdout.read()
 
@@ -154,6 +155,7 @@ def test_run_killed_by_sigterm_resumes_to_identical_rows(prepared_concepts, tmp_
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
     a, b = rows(tmp_path / "full"), rows(run)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0", "version_1"]  # both attempts' logs
 
 
 def test_two_process_ddp_matches_one_process(prepared_concepts, tmp_path, tiny_dirs):

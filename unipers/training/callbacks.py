@@ -1,4 +1,5 @@
-"""Callbacks: concept files (interval, best, last), a checkpoint on SIGTERM, validation samples.
+"""Callbacks: concept files (interval, best, last), a checkpoint on SIGTERM, Slurm requeue on SIGUSR1,
+validation samples.
 
 Concept files go to ``RUN/concepts/``, written atomically by rank 0:
 ``step_000100.safetensors`` every `save_every` steps, ``best_recognition`` / ``best_diffusion`` when the
@@ -7,6 +8,9 @@ held-out split improves, and ``last`` at the end.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -70,20 +74,101 @@ class ConceptFiles(L.Callback):
         self.best = dict(state.get("best", {}))
 
 
-class CheckpointOnSignal(L.Callback):
+class _OnSignal(L.Callback):
+    """Acts on a signal at the end of an optimizer step, on every rank at the same step.
+
+    The local flag is all-reduced once per optimizer step (~0.3 ms, DESIGN.md): ranks that saw the signal
+    one step apart would otherwise save different steps, or wait for each other forever. Mid gradient
+    accumulation is never a resumable point, so nothing happens there.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self._step = 0
+
+    def signalled(self, trainer) -> bool:
+        raise NotImplementedError
+
+    def act(self, trainer, pl_module) -> None:
+        raise NotImplementedError
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._step = trainer.global_step  # the resumed step: the next change marks an optimizer step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:
+            return
+        self._step = trainer.global_step
+        flag = torch.tensor(float(self.signalled(trainer)), device=pl_module.device)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item():
+            self.act(trainer, pl_module)
+
+
+class CheckpointOnSignal(_OnSignal):
     """SIGTERM (a kill, a preemption) -> finish the step, write ``last.ckpt``, stop.
 
     Lightning itself finishes the batch and exits without saving anything (DESIGN.md); it raises only after
     ``on_train_batch_end``, so the checkpoint written here is the same kind ModelCheckpoint writes.
     """
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+    def signalled(self, trainer) -> bool:
+        return trainer.received_sigterm
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.received_sigterm:
-            trainer.save_checkpoint(self.folder / "last.ckpt")
-            trainer.should_stop = True
+    def act(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.folder / "last.ckpt")
+        trainer.should_stop = True
+
+
+def in_slurm_step() -> bool:
+    """Started by ``srun`` inside a Slurm job (not the batch shell, not an interactive ``bash`` job)."""
+    env = os.environ
+    return "SLURM_JOB_ID" in env and "SLURM_STEP_ID" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+class SlurmRequeue(_OnSignal):
+    """SIGUSR1 (``--signal=USR1@90`` before the time limit, or ``scancel --signal=USR1``) -> at the end of
+    the step, on every rank at once: write ``last.ckpt``, ignore SIGTERM, rank 0 runs ``scontrol requeue``,
+    exit. The requeued job resumes with ``ckpt_path=last`` to the same rows as an uninterrupted run.
+
+    The handler only sets a flag: Lightning's own auto-requeue saves inside the handler, mid-step, and the
+    resumed run skips or repeats batches (DESIGN.md).
+    """
+
+    requested = False
+
+    @classmethod
+    def listen(cls) -> None:
+        """Install the flag-setting handler (early: a signal before it exists would kill the task)."""
+        def flag(signum, frame):
+            cls.requested = True
+        signal.signal(signal.SIGUSR1, flag)
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder)
+        self.listen()
+
+    def signalled(self, trainer) -> bool:
+        return SlurmRequeue.requested
+
+    def act(self, trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.folder / "last.ckpt")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # scontrol requeue sends it; the state is saved
+        code = 0
+        if trainer.is_global_zero:
+            env = os.environ
+            job = (f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" if "SLURM_ARRAY_JOB_ID" in env
+                   else env.get("SLURM_JOB_ID", ""))
+            try:
+                done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+                result = "ok" if done.returncode == 0 else done.stderr.strip()
+            except (OSError, subprocess.SubprocessError) as err:
+                result = str(err)
+            print(f"SIGUSR1 at step {trainer.global_step}: saved {self.folder / 'last.ckpt'}; "
+                  f"scontrol requeue {job}: {result}", flush=True)
+            code = 0 if result == "ok" else 1  # not requeued: fail the job visibly; ckpt_path=last resumes it
+        raise SystemExit(code)
 
 
 class ValidationSamples(L.Callback):

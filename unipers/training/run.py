@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -83,11 +82,13 @@ def resolve_ckpt(value: str | None, run_dir: Path) -> str | None:
 def make_logger(cfg, run_dir: Path):
     from lightning.pytorch import loggers
 
+    # One version folder per attempt (logs/version_0, version_1 after a resume): Lightning's CSV writer
+    # would otherwise delete the first attempt's metrics when the resumed run writes its own.
     kind = cfg.trainer.logger
     if kind == "csv":
-        return loggers.CSVLogger(run_dir, name=LOGS, version="")
+        return loggers.CSVLogger(run_dir, name=LOGS)
     if kind == "tensorboard":
-        return loggers.TensorBoardLogger(run_dir, name=LOGS, version="")
+        return loggers.TensorBoardLogger(run_dir, name=LOGS)
     return loggers.WandbLogger(save_dir=str(run_dir), name=run_dir.name)
 
 
@@ -111,13 +112,18 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, validate: bool = True):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from unipers.training.callbacks import CheckpointOnSignal
+    from unipers.training.callbacks import CheckpointOnSignal, SlurmRequeue, in_slurm_step
 
     t = cfg.trainer
     validate = validate and t.val_every > 0
     ckpt_dir = run_dir / CHECKPOINTS
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step_{step:06d}", auto_insert_metric_name=False,
                                every_n_train_steps=t.checkpoint_every or None, save_top_k=-1, save_last=False)
+    plugins, slurm = [], []
+    if in_slurm_step():  # ranks from srun; requeue is ours (SlurmRequeue), not Lightning's mid-step one
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        plugins, slurm = [SLURMEnvironment(auto_requeue=False)], [SlurmRequeue(ckpt_dir)]
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=make_strategy(cfg),
         precision=t.precision, max_steps=t.max_steps, max_epochs=-1,
@@ -125,13 +131,17 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, validate: bool = True):
         val_check_interval=t.val_every if validate else None, check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches if validate else 0, num_sanity_val_steps=0,
         log_every_n_steps=t.log_every, logger=make_logger(cfg, run_dir), enable_progress_bar=t.progress_bar,
-        callbacks=[periodic, CheckpointOnSignal(ckpt_dir), *callbacks],
+        callbacks=[periodic, CheckpointOnSignal(ckpt_dir), *slurm, *callbacks], plugins=plugins or None,
         use_distributed_sampler=False,  # the MixtureSampler shards over ranks itself
         deterministic=False, enable_model_summary=False,
     )
 
 
 def train(cfg, callbacks: Sequence = ()) -> Path:
+    from unipers.training.callbacks import SlurmRequeue, in_slurm_step
+
+    if in_slurm_step():
+        SlurmRequeue.listen()  # before the (slow) model load: an unhandled SIGUSR1 would kill the task
     return (run_align if cfg.stage == "align" else run_personalize)(cfg, callbacks)
 
 

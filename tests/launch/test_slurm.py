@@ -321,4 +321,5 @@ def test_bad_input_queues_nothing(cluster, job_env, prepared_concepts, tmp_path)
         out = slurm_cli("submit", PERSONALIZE, LOCAL, concepts_arg(prepared_concepts), bad,
                         f"run_dir={tmp_path / 'run'}", env=job_env)
         assert out.returncode == 2 and key in out.stderr, out.stderr
-    assert queued() == before and not (tmp_path / "run").exists()
+    # Finished jobs age out of `squeue -t all` meanwhile, so the check is that no new job appeared.
+    assert not queued() - before and not (tmp_path / "run").exists()

@@ -96,3 +96,24 @@ def prepared_concepts(tmp_path_factory):
     bo = prepare_concept(photos("bo", (200, 120, 40)), "bo", root / "bo", class_word="dog", facts=facts)
     mam = prepare_concept(photos("mam", (40, 80, 200)), "mam", root / "mam", class_word="cat")
     return [bo, mam]
+
+
+@pytest.fixture(scope="session")
+def concept_files(tiny_dirs, tmp_path_factory):
+    """bo.safetensors and mam.safetensors (class words dog / cat) on the tiny base, with rows moved away
+    from their init (so a reload that re-initialised them would be caught)."""
+    import torch
+
+    from unipers.config import load_config
+    from unipers.models.unified import UnifiedModel
+
+    out = tmp_path_factory.mktemp("concept_files")
+    model = UnifiedModel.from_config(load_config([]))
+    files = {}
+    for name, word in (("bo", "dog"), ("mam", "cat")):
+        model.add_concept(name, word)
+        with torch.no_grad():
+            for p in model.bank.rows[name].parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
+        files[name] = model.save_concepts(out / f"{name}.safetensors", names=[name])
+    return files

@@ -51,23 +51,3 @@ def dino_dir(tmp_path_factory):
     BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(path)
     return path
-
-
-@pytest.fixture(scope="session")
-def eval_concept_files(tiny_dirs, tmp_path_factory):
-    """bo.safetensors and mam.safetensors (class words dog / cat) with rows moved away from their init."""
-    import torch
-
-    from unipers.config import load_config
-    from unipers.models.unified import UnifiedModel
-
-    out = tmp_path_factory.mktemp("eval_concepts")
-    model = UnifiedModel.from_config(load_config([]))
-    files = {}
-    for name, word in (("bo", "dog"), ("mam", "cat")):
-        model.add_concept(name, word)
-        with torch.no_grad():
-            for p in model.bank.rows[name].parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
-        files[name] = model.save_concepts(out / f"{name}.safetensors", names=[name])
-    return files

@@ -23,10 +23,10 @@ FAST = ["eval.max_new_tokens=4", "eval.steps=2", "eval.images_per_prompt=1", "ev
 
 
 @pytest.fixture(scope="module")
-def session(eval_concept_files):
+def session(concept_files):
     s = InferenceSession.from_config(load_config([]))
-    s.load(eval_concept_files["bo"])
-    s.load(eval_concept_files["mam"])
+    s.load(concept_files["bo"])
+    s.load(concept_files["mam"])
     return s
 
 
@@ -108,13 +108,13 @@ def markdown_numbers(report: str) -> dict:
     return out
 
 
-def test_unipers_eval_end_to_end(prepared_concepts, eval_concept_files, clip_dir, dino_dir, tmp_path, capsys):
+def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, dino_dir, tmp_path, capsys):
     from unipers.cli import main
     from unipers.eval.prompts import METHOD_TITLES
     from unipers.eval.report import COLUMNS
 
     data = with_choice_questions(prepared_concepts, tmp_path / "data")
-    files = [str(eval_concept_files["bo"]), str(eval_concept_files["mam"])]
+    files = [str(concept_files["bo"]), str(concept_files["mam"])]
     base = ["eval", "--concept", *files, "--data", *map(str, data)] + [a for s in FAST for a in ("--set", s)]
     models = ["--set", f"eval.clip_path={clip_dir}", "--set", f"eval.dino_path={dino_dir}"]
     out = tmp_path / "full"
@@ -165,12 +165,12 @@ def test_unipers_eval_end_to_end(prepared_concepts, eval_concept_files, clip_dir
     assert re.search(r"concept file\s+mean\s+CLIP-I\s+\d\.\d{4}\s+–\s+–", table)
 
 
-def test_eval_over_a_runs_step_files_plots_curves(eval_concept_files, prepared_concepts, tmp_path):
+def test_eval_over_a_runs_step_files_plots_curves(concept_files, prepared_concepts, tmp_path):
     from unipers.cli import main
     from unipers.models.unified import UnifiedModel
 
     model = UnifiedModel.from_config(load_config([]))
-    model.load_concepts(eval_concept_files["bo"])
+    model.load_concepts(concept_files["bo"])
     concepts = tmp_path / "run" / "concepts"
     for name, step in (("step_000010", 10), ("step_000020", 20), ("last", 20)):
         model.save_concepts(concepts / f"{name}.safetensors", extra={"step": str(step)})

@@ -10,22 +10,6 @@ from PIL import Image
 
 from unipers.config import load_config
 from unipers.inference import InferenceSession, InputError
-from unipers.models.unified import UnifiedModel
-
-
-@pytest.fixture(scope="module")
-def concept_files(tiny_dirs, tmp_path_factory):
-    """bo.safetensors and mam.safetensors with rows moved away from their init."""
-    out = tmp_path_factory.mktemp("concepts")
-    model = UnifiedModel.from_config(load_config([]))
-    files = {}
-    for name, word in (("bo", "dog"), ("mam", "cat")):
-        model.add_concept(name, word)
-        with torch.no_grad():
-            for p in model.bank.rows[name].parameters():
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
-        files[name] = model.save_concepts(out / f"{name}.safetensors", names=[name])
-    return files
 
 
 @pytest.fixture(scope="module")

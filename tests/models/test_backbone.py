@@ -93,3 +93,26 @@ def test_generate_cached_equals_uncached_and_batch_equals_single(make_backbone):
     sample = lambda: bb.generate(ids, mask, max_new_tokens=6, temperature=1.0, top_p=0.9,
                                  generator=torch.Generator().manual_seed(3))
     assert torch.equal(sample(), sample())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(backbone_dir, qa_batch):
+    """Recomputing the frozen backbone's activations must not change what the concept rows learn."""
+    from unipers.concepts.bank import SlotLayout
+    from unipers.models.backbone import ARBackbone
+
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        bb = ARBackbone.from_pretrained(backbone_dir, layout=SlotLayout(2, 2, 2), gradient_checkpointing=checkpointing)
+        bb.add_concept("bo", "dog")
+        bb.train()
+        count = [0]
+        # A pre-hook: checkpoint recomputation stops early, before the layer's outputs, so post-hooks miss it.
+        bb.model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: count.__setitem__(0, count[0] + 1))
+        bb.understanding_loss(*qa_batch(bb, [("Is <bo> here?", "Yes, <bo> is here.")])).backward()
+        grads.append({k: p.grad.clone() for k, p in bb.bank.named_parameters() if p.grad is not None})
+        calls.append(count[0])
+        assert not bb.model.model.layers[0].self_attn.training  # no dropout in the frozen base
+    assert calls == [1, 2]  # checkpointing really recomputed the layer in the backward pass
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k

@@ -65,15 +65,23 @@ class ARBackbone(nn.Module):
             # ChameleonProcessor appends sep_token to every prompt: None would add the text "None".
             raise ValueError(f"{path}: the tokenizer has no sep_token (Chameleon uses <reserved08706>)")
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         base_fp = fingerprint(model, config_fields(model.config))
         bank = ConceptBank(model.config.vocab_size, model.config.hidden_size, layout, head_rows)
         return cls(model, processor, bank, base_fp)
 
     # Lightning switches every submodule to train mode; the frozen base must stay in eval (dropout off).
+    # HF checkpoints a layer only while that layer is training, so with gradient checkpointing on, the
+    # decoder layers' own flag follows `mode`; their children (attention dropout) stay in eval.
     def train(self, mode: bool = True) -> "ARBackbone":
         super().train(mode)
         self.model.eval()
+        if getattr(self.model, "is_activation_checkpointing", False):
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            for module in self.model.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = mode
         return self
 
     @property

@@ -175,3 +175,15 @@ def test_two_process_ddp_matches_one_process(prepared_concepts, tmp_path, tiny_d
     start = UnifiedModel.from_config(load_config([CONFIGS / "personalize.yaml"]))
     start.add_concept("bo", "dog")
     assert not torch.allclose(start.bank.rows["bo"].embed["shared"], a["bo/embed/shared"])  # they trained
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_the_same_rows(prepared_concepts, tmp_path, tiny_dirs):
+    """trainer.compile=true (torch.compile of the frozen decoder layers) changes speed, not results."""
+    runs = []
+    for compiled in ("false", "true"):
+        cfg = cfg_for("personalize.yaml", tmp_path / compiled, prepared_concepts[:1], "trainer.max_steps=3",
+                      f"trainer.compile={compiled}")
+        runs.append(rows(train(cfg)))
+    for key in runs[0]:
+        assert torch.allclose(runs[0][key], runs[1][key], atol=1e-6), key

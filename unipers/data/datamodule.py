@@ -18,11 +18,12 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from unipers.config import DataConfig
 from unipers.data.collate import Collator, Record, StageFormat, image_token_cache, latent_cache
 from unipers.data.manifest import read_prepared
 from unipers.data.sampler import MixtureSampler
 
-DEFAULT_TASK_WEIGHTS = {"recognition": 0.4, "qa": 0.15, "caption": 0.15, "generation": 0.3, "vqa": 0.0}
+DEFAULT_TASK_WEIGHTS = DataConfig().task_weights  # one source: the config schema's default
 
 
 class RecordDataset(Dataset):

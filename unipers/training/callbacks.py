@@ -33,7 +33,7 @@ def _rank_zero(trainer: L.Trainer) -> bool:
 
 
 class ConceptFiles(L.Callback):
-    BEST = {"val/recognition": ("best_recognition", max), "val/diffusion": ("best_diffusion", min)}
+    BEST = {"val/recognition": ("best_recognition", +1), "val/diffusion": ("best_diffusion", -1)}  # +1: higher is better
 
     def __init__(self, folder: str | Path, save_every: int = 0):
         self.folder, self.save_every = Path(folder), save_every
@@ -51,12 +51,12 @@ class ConceptFiles(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        for key, (name, better) in self.BEST.items():
+        for key, (name, sign) in self.BEST.items():
             value = trainer.callback_metrics.get(key)
             if value is None:
                 continue
             value = float(value)
-            if key not in self.best or better(value, self.best[key]) != self.best[key]:
+            if key not in self.best or sign * (value - self.best[key]) > 0:
                 self.best[key] = value
                 self._save(pl_module, name, trainer)
 

@@ -211,6 +211,8 @@ class AlignConfig:
     """UNet submodules to unfreeze (train_decoder=blocks)."""
     warmup_steps: int = 100
     """Linear LR warm-up steps."""
+    caption_dropout: float = 0.0
+    """Share of captions replaced by "" so the empty prompt learns to be the unconditional input (CFG)."""
 
     def __post_init__(self) -> None:
         _check_choice("align.train_decoder", self.train_decoder, ("none", "lora", "blocks"))

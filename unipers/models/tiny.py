@@ -38,7 +38,7 @@ Is <bo> in this photo? Yes, it is. No, it is not. Can you see it in this image? 
 """
 
 
-def _tiny_tokenizer(num_image_tokens: int, vocab_size: int):
+def _tiny_tokenizer(num_image_tokens: int, vocab_size: int, corpus: str = ""):
     """A byte-level BPE with Chameleon's special tokens and IMGIMG...Z image tokens, exactly `vocab_size` long."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -54,7 +54,7 @@ def _tiny_tokenizer(num_image_tokens: int, vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([_CORPUS + corpus] * 4, trainer=trainer)
     # BPE stops early when the corpus runs out of merges: fill up with reserved tokens so the text part
     # has a known size and image tokens land at fixed ids.
     missing = text_vocab - tok.get_vocab_size()
@@ -85,8 +85,11 @@ def build_tiny_chameleon(
     num_image_tokens: int = 128,
     image_size: int = 32,
     seed: int = 0,
+    corpus: str = "",
 ) -> Path:
-    """Write a random tiny ChameleonForConditionalGeneration + tokenizer + processor to `out_dir`."""
+    """Write a random tiny ChameleonForConditionalGeneration + tokenizer + processor to `out_dir`.
+
+    ``corpus``: extra text the BPE tokenizer is trained on (e.g. the tiny world's words)."""
     import torch
     from transformers import (
         ChameleonConfig,
@@ -96,7 +99,7 @@ def build_tiny_chameleon(
     )
 
     out = Path(out_dir)
-    tokenizer = _tiny_tokenizer(num_image_tokens, vocab_size)
+    tokenizer = _tiny_tokenizer(num_image_tokens, vocab_size, corpus)
     vocab = tokenizer.get_vocab()
     channel_multiplier = [1, 1, 2]  # two downsamples: 32 px -> 8x8 = 64 tokens per image
     tokens_per_side = image_size // 2 ** (len(channel_multiplier) - 1)

@@ -16,16 +16,19 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_matching")
 
 
 def build_tiny_decoder(out_dir: str | Path, *, cross_attention_dim: int = 64, pooled_dim: int | None = 64,
-                       image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+                       image_size: int = 32, seed: int = 0, prediction_type: str = "epsilon",
+                       vae_attention: bool = True, vae_channels: tuple[int, ...] = (32, 64),
+                       latent_channels: int = 4, unet_channels: tuple[int, int] = (32, 64)) -> Path:
     """Write vae/, unet/, scheduler/ and model_index.json to ``out_dir``; same seed -> bit-identical weights.
 
     ``prediction_type="flow_matching"`` writes a FlowMatchEulerDiscreteScheduler instead of DDPM.
+    ``vae_attention=False`` drops the VAE's mid-block attention (16x16 tokens: most of a CPU training step).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; valid: {', '.join(PREDICTION_TYPES)}")
-    vae_channels = (32, 64)
+    vae_channels = tuple(vae_channels)
     scale = 2 ** (len(vae_channels) - 1)
     if image_size % (scale * 2):
         raise ValueError(f"image_size must be a multiple of {scale * 2} (VAE downsamples x{scale}, UNet x2)")
@@ -33,14 +36,14 @@ def build_tiny_decoder(out_dir: str | Path, *, cross_attention_dim: int = 64, po
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
+            in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=vae_channels,
             down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
             up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-            layers_per_block=1, norm_num_groups=8, sample_size=image_size,
+            layers_per_block=1, norm_num_groups=8, sample_size=image_size, mid_block_add_attention=vae_attention,
         )
         unet = UNet2DConditionModel(
-            sample_size=image_size // scale, in_channels=4, out_channels=4,
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+            sample_size=image_size // scale, in_channels=latent_channels, out_channels=latent_channels,
+            block_out_channels=tuple(unet_channels), layers_per_block=1, norm_num_groups=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=8, cross_attention_dim=cross_attention_dim,

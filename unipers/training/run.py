@@ -162,7 +162,7 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
     model = UnifiedModel.from_config(cfg)
     module = AlignModule(model, lr=t.lr, weight_decay=t.weight_decay, warmup_steps=a.warmup_steps,
                          max_steps=t.max_steps, train_decoder=a.train_decoder, lora_rank=a.lora_rank,
-                         unfreeze_blocks=tuple(a.unfreeze_blocks), seed=cfg.seed)
+                         unfreeze_blocks=tuple(a.unfreeze_blocks), caption_dropout=a.caption_dropout, seed=cfg.seed)
     pairs = Path(cfg.data.pairs)
 
     class Pairs(L.LightningDataModule):

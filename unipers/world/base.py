@@ -1,0 +1,307 @@
+"""Training the tiny world's AR base: its image tokenizer, then a short pre-training on the world's
+recognition / attribute-question / caption data.
+
+A random frozen Chameleon VQ encoder is not a tokenizer (attribute probes on its codes sit near chance).
+So the encoder is first trained *without* quantization, with an attribute head (shape, colour, pattern)
+and a per-token regression of its 4x4 patch's pixels, and the codebook is then fitted to the encoder's
+outputs by k-means. ``get_image_tokens`` of the saved model then gives meaningful codes through the
+unchanged transformers code path.
+
+The pre-training texts use the same templates and layout as personalization (``unipers.data.samples``,
+``PromptBuilder``), with a plain description ("the purple striped star") or a made-up name bound to one
+in a prefix sentence ("zib is a purple striped star.") where a concept would stand.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unipers.world.synth import ATTRIBUTES, WorldObject, all_objects, near_misses, with_article
+
+# Made-up names bound to a description in a prefix sentence during pre-training, so the base learns to
+# read "<name> is <description>." the way a concept's prefix is laid out (never the demo's own name).
+NONCE_NAMES = ("zib", "mox", "tal", "rud", "fen", "kip", "lor", "vam", "sek", "dun", "pim", "gav")
+ATTRIBUTE_QUESTIONS = {
+    "colour": "What colour is {c}?",
+    "pattern": "What pattern does {c} have?",
+    "shape": "What shape is {c}?",
+}
+Progress = Callable[[int, dict], None]
+
+
+def to_pixels(images: np.ndarray, image_processor=None) -> Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float: the Chameleon processor's rescale and normalisation when
+    ``image_processor`` is given (its output for same-size images), else plain [-1, 1] (the decoder's)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    if image_processor is None:
+        return x / 127.5 - 1.0
+    mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+    return (x * image_processor.rescale_factor - mean) / std
+
+
+def label_tensor(objects: Sequence[WorldObject]) -> Tensor:
+    return torch.tensor([o.labels() for o in objects], dtype=torch.long)
+
+
+# ---- image tokenizer --------------------------------------------------------------------------------------
+
+class _TokenizerHeads(nn.Module):
+    """Training-time heads on the VQ encoder's (B, D, h, w) outputs; thrown away after training."""
+
+    def __init__(self, dim: int, patch: int, positions: int):
+        super().__init__()
+        # Reads every position (not a pooled vector), so the codes must carry where the object's parts are.
+        self.attributes = nn.Linear(dim * positions, sum(len(v) for v in ATTRIBUTES.values()))
+        self.patch = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, 3 * patch * patch))
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.attributes(z.flatten(1)), self.patch(z.permute(0, 2, 3, 1))
+
+
+def _attribute_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Summed cross-entropy over the three attributes, and per-attribute accuracy (3,)."""
+    loss, acc, start = 0.0, [], 0
+    for k, values in enumerate(ATTRIBUTES.values()):
+        part = logits[:, start:start + len(values)]
+        loss = loss + F.cross_entropy(part, labels[:, k])
+        acc.append((part.argmax(1) == labels[:, k]).float().mean())
+        start += len(values)
+    return loss, torch.stack(acc)
+
+
+def _patches(pixels: Tensor, patch: int) -> Tensor:
+    """(B, 3, H, W) -> (B, H/p, W/p, 3*p*p) target pixels of each token's patch."""
+    b, c, h, w = pixels.shape
+    x = pixels.reshape(b, c, h // patch, patch, w // patch, patch)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, h // patch, w // patch, c * patch * patch)
+
+
+def kmeans(x: Tensor, k: int, *, iters: int = 25, seed: int = 0) -> Tensor:
+    """k-means++ initialised Lloyd iterations on (N, D) float rows -> (k, D) centroids (empty ones re-seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    centroids = x[torch.randint(n, (1,), generator=g)]
+    closest = torch.cdist(x, centroids).squeeze(1) ** 2
+    for _ in range(1, k):
+        pick = torch.multinomial(closest / closest.sum(), 1, generator=g)
+        centroids = torch.cat([centroids, x[pick]])
+        closest = torch.minimum(closest, ((x - x[pick]) ** 2).sum(1))
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).float()
+        empty = counts == 0
+        centroids = torch.where(empty[:, None], centroids, sums / counts.clamp_min(1)[:, None])
+        if empty.any():
+            centroids[empty] = x[torch.randint(n, (int(empty.sum()),), generator=g)]
+    return centroids
+
+
+def train_image_tokenizer(model, pixels: Tensor, labels: Tensor, *, steps: int = 700, batch_size: int = 64,
+                          lr: float = 2e-3, patch_weight: float = 4.0, seed: int = 0,
+                          progress: Progress | None = None) -> dict:
+    """Train ``model.model.vqmodel``'s encoder (no quantization), then set its codebook by k-means.
+
+    ``pixels`` (N, 3, H, W) in [-1, 1], ``labels`` (N, 3) attribute indices. Returns training figures."""
+    vq = model.model.vqmodel
+    codebook = vq.quantize.embedding.weight
+    encoder = nn.Sequential(vq.encoder, vq.quant_conv)
+    side = pixels.shape[-1]
+    with torch.no_grad():
+        tokens_side = encoder(pixels[:1]).shape[-1]
+    patch = side // tokens_side
+    torch.manual_seed(seed)
+    heads = _TokenizerHeads(codebook.shape[1], patch, tokens_side ** 2)
+    params = [*encoder.parameters(), *heads.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    g = torch.Generator().manual_seed(seed)
+    encoder.train()
+    acc = torch.zeros(3)
+    for step in range(steps):
+        idx = torch.randint(len(pixels), (batch_size,), generator=g)
+        x = pixels[idx]
+        z = encoder(x)
+        logits, patches = heads(z)
+        attr_loss, acc_now = _attribute_loss(logits, labels[idx])
+        patch_loss = F.mse_loss(patches, _patches(x, patch))
+        loss = attr_loss + patch_weight * patch_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        acc = 0.9 * acc + 0.1 * acc_now.detach() if step else acc_now.detach()
+        if progress:
+            progress(step, {"loss": loss.item(), "patch": patch_loss.item()})
+    encoder.eval()
+    for p in params:
+        p.requires_grad_(False)
+    with torch.no_grad():
+        z = torch.cat([encoder(pixels[i:i + 256]) for i in range(0, len(pixels), 256)])
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        sub = flat[torch.randperm(len(flat), generator=g)[:60_000]]
+        codebook.copy_(kmeans(sub, codebook.shape[0], seed=seed))
+        quantized = codebook[torch.cdist(flat, codebook).argmin(1)]
+        rel_error = ((quantized - flat).norm(dim=1).mean() / flat.norm(dim=1).mean()).item()
+    return {"attribute_accuracy": dict(zip(ATTRIBUTES, acc.tolist())), "patch_mse": patch_loss.item(),
+            "codebook_relative_error": rel_error, "tokens_per_image": tokens_side ** 2}
+
+
+@torch.no_grad()
+def image_tokens(model, pixels: Tensor, batch_size: int = 256) -> Tensor:
+    """(N, tokens) BPE ids of the images, through transformers' own ``get_image_tokens``."""
+    return torch.cat([model.model.get_image_tokens(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+
+
+# ---- pre-training texts -----------------------------------------------------------------------------------
+
+def _description(obj: WorldObject, rng: random.Random, full: float = 0.75) -> str:
+    if rng.random() < full:
+        return obj.describe()
+    keep = [a for a in ("colour", "pattern") if rng.random() < 0.5]
+    return obj.describe(keep)
+
+
+def _matches(description: str, obj: WorldObject) -> bool:
+    words = description.split()
+    return all(w in obj.attributes().values() for w in words)
+
+
+def _other(obj: WorldObject, rng: random.Random) -> WorldObject:
+    """A negative: a near-miss (two attributes shared) half the time, else any other object."""
+    pool = near_misses(obj) if rng.random() < 0.5 else [o for o in all_objects() if o != obj]
+    return rng.choice(pool)
+
+
+YES_NO_ATTRIBUTE = {
+    "colour": "Is the object {v}?",
+    "pattern": "Is the object {v}?",
+    "shape": "Is the object a {v}?",
+}
+
+
+def object_names() -> dict[WorldObject, str]:
+    """A made-up name for every object of the world ("kabo"), fixed for all time (seeded)."""
+    rng = random.Random("world/object-names")
+    taken = set(NONCE_NAMES) | {"bo"}
+    names: dict[WorldObject, str] = {}
+    for obj in all_objects():
+        while True:
+            name = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(2))
+            if name not in taken:
+                taken.add(name)
+                names[obj] = name
+                break
+    return names
+
+
+_NAMES = object_names()
+
+
+def world_example(obj: WorldObject, rng: random.Random) -> tuple[str, str]:
+    """One (question with an <image> marker, or text only, and its answer) about a photo of ``obj``.
+
+    The main task is recognition of *named* objects: every object of the world has a name ("kabo"), and
+    "Is kabo in this photo?" is asked of its photos and of others, near-misses half the time. For one name
+    the answer is a first-order function of the image, so a detector per name is learnt quickly, and the
+    names' embeddings come to span the world's objects. A concept's tokens are then one more such name.
+    (Matching free-text descriptions against the image instead is a symmetric, XOR-like problem: a
+    4-layer base stayed at chance on it for thousands of steps.)"""
+    from unipers.data import samples as S
+
+    task = rng.random()
+    key = rng.choice(list(ATTRIBUTE_QUESTIONS))
+    value = obj.attributes()[key].capitalize() + "."
+    if task < 0.5:  # recognition of a named object
+        positive = rng.random() < 0.5
+        target = obj if positive else _other(obj, rng)
+        c = _NAMES[target]
+        question = "<image>\n" + rng.choice(S.RECOGNITION_QUESTIONS).format(c=c)
+        answer = rng.choice(S.POSITIVE_ANSWERS if positive else S.NEGATIVE_ANSWERS).format(c=c)
+        return question, answer
+    if task < 0.62:  # text only: what a name stands for
+        return ATTRIBUTE_QUESTIONS[key].format(c=_NAMES[obj]), value
+    if task < 0.74:  # an attribute of the object in the photo
+        return "<image>\n" + ATTRIBUTE_QUESTIONS[key].format(c="the object"), value
+    if task < 0.86:  # caption, naming the object
+        return ("<image>\n" + rng.choice(S.CAPTION_QUESTIONS),
+                f"A photo of {_NAMES[obj]}, {with_article(obj.describe())}.")
+    if task < 0.93:  # yes/no on one attribute
+        k = rng.choice(list(YES_NO_ATTRIBUTE))
+        v = obj.attributes()[k] if rng.random() < 0.5 else rng.choice(ATTRIBUTES[k])
+        return "<image>\n" + YES_NO_ATTRIBUTE[k].format(v=v), "Yes." if v == obj.attributes()[k] else "No."
+    # text only: a fact read off a prefix sentence (how a concept's facts are asked)
+    name = rng.choice(NONCE_NAMES)
+    return f"{name} is {with_article(obj.describe())}. " + ATTRIBUTE_QUESTIONS[key].format(c=name), value
+
+
+def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float) -> Tensor:
+    """Next-token cross-entropy on the answer tokens, the first answer token counting ``first_weight`` times.
+
+    The first token carries the decision (Yes / No, the colour...); the rest of a templated answer mostly
+    repeats the question, and would otherwise drown the decision's gradient."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != -100
+    loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    first = mask & (mask.cumsum(1) == 1)
+    weights = mask.float() + (first_weight - 1.0) * first.float()
+    return (loss * weights).sum() / weights.sum()
+
+
+def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObject], *, steps: int = 800,
+                      batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, first_weight: float = 5.0,
+                      seed: int = 0, progress: Progress | None = None) -> dict:
+    """Train every weight of the HF Chameleon ``model`` except its VQ model on ``world_example`` texts.
+
+    ``prompts``: a PromptBuilder over the model's tokenizer (plain mode: no concepts). ``tokens`` (N, T)
+    image ids of photos of ``objects``."""
+    from unipers.models.unified import pad_batch
+
+    rng = random.Random(f"pretrain/{seed}")
+    torch.manual_seed(seed)
+    params = [p for n, p in model.named_parameters() if ".vqmodel." not in f".{n}"]
+    for p in params:
+        p.requires_grad_(True)
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    pad = prompts.tokenizer.pad_token_id
+    model.train()
+    ema = None
+    for step in range(steps):
+        seqs, labs = [], []
+        for _ in range(batch_size):
+            i = rng.randrange(len(objects))
+            q, a = world_example(objects[i], rng)
+            enc = prompts.encode_qa(q, a, images=[tokens[i]] if "<image>" in q else [], mode="plain")
+            seqs.append(enc.ids)
+            labs.append(enc.labels)
+        ids, mask = pad_batch(seqs, pad)
+        labels, _ = pad_batch(labs, pad, labels=True)
+        loss = weighted_answer_loss(model(input_ids=ids, attention_mask=mask).logits, labels, first_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if progress:
+            progress(step, {"loss": ema})
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"final_loss": ema, "steps": steps}

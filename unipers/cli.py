@@ -23,7 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "recognize": ("unipers.inference.recognize", "is the concept in these images? a probability per image"),
     "generate": ("unipers.inference.generate", "draw your concepts in new scenes (PNG + grid + JSON sidecar)"),
     "eval": ("unipers.eval.cli", "benchmark concepts (recognition, VQA, captions, CLIP-I/T, DINO) with a report"),
-    "tiny": ("unipers.models.tiny", "build the embedded tiny base models (no downloads)"),
+    "demo": ("unipers.world.demo", "the whole loop on the tiny world: personalize a new object, ask, recognize, generate, eval"),
+    "world": ("unipers.world.build", "build the tiny world's trained base models (cached under checkpoints/world)"),
+    "tiny": ("unipers.models.tiny", "build the embedded tiny random base models (no downloads)"),
     "export": ("unipers.concepts.export", "merge concept files into a plain Hugging Face checkpoint"),
     "slurm": ("unipers.launch.cli", "submit align / personalize jobs and concept arrays to Slurm; status, collect"),
 }

@@ -172,15 +172,11 @@ def _description(obj: WorldObject, rng: random.Random, full: float = 0.75) -> st
     return obj.describe(keep)
 
 
-def _matches(description: str, obj: WorldObject) -> bool:
-    words = description.split()
-    return all(w in obj.attributes().values() for w in words)
-
-
-def _other(obj: WorldObject, rng: random.Random) -> WorldObject:
-    """A negative: a near-miss (two attributes shared) half the time, else any other object."""
-    pool = near_misses(obj) if rng.random() < 0.5 else [o for o in all_objects() if o != obj]
-    return rng.choice(pool)
+def _other(obj: WorldObject, rng: random.Random, held_out: Sequence[WorldObject] = ()) -> WorldObject:
+    """A negative: a near-miss (two attributes shared) half the time, else any other object; never one of
+    ``held_out`` (the base must not even hear the demo object's name)."""
+    pool = near_misses(obj) if rng.random() < 0.5 else all_objects()
+    return rng.choice([o for o in pool if o != obj and o not in held_out])
 
 
 YES_NO_ATTRIBUTE = {
@@ -208,7 +204,7 @@ def object_names() -> dict[WorldObject, str]:
 _NAMES = object_names()
 
 
-def world_example(obj: WorldObject, rng: random.Random) -> tuple[str, str]:
+def world_example(obj: WorldObject, rng: random.Random, held_out: Sequence[WorldObject] = ()) -> tuple[str, str]:
     """One (question with an <image> marker, or text only, and its answer) about a photo of ``obj``.
 
     The main task is recognition of *named* objects: every object of the world has a name ("kabo"), and
@@ -224,7 +220,7 @@ def world_example(obj: WorldObject, rng: random.Random) -> tuple[str, str]:
     value = obj.attributes()[key].capitalize() + "."
     if task < 0.5:  # recognition of a named object
         positive = rng.random() < 0.5
-        target = obj if positive else _other(obj, rng)
+        target = obj if positive else _other(obj, rng, held_out)
         c = _NAMES[target]
         question = "<image>\n" + rng.choice(S.RECOGNITION_QUESTIONS).format(c=c)
         answer = rng.choice(S.POSITIVE_ANSWERS if positive else S.NEGATIVE_ANSWERS).format(c=c)
@@ -260,7 +256,7 @@ def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float) ->
 
 def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObject], *, steps: int = 800,
                       batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, first_weight: float = 5.0,
-                      seed: int = 0, progress: Progress | None = None) -> dict:
+                      held_out: Sequence[WorldObject] = (), seed: int = 0, progress: Progress | None = None) -> dict:
     """Train every weight of the HF Chameleon ``model`` except its VQ model on ``world_example`` texts.
 
     ``prompts``: a PromptBuilder over the model's tokenizer (plain mode: no concepts). ``tokens`` (N, T)
@@ -286,7 +282,7 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
         seqs, labs = [], []
         for _ in range(batch_size):
             i = rng.randrange(len(objects))
-            q, a = world_example(objects[i], rng)
+            q, a = world_example(objects[i], rng, held_out)
             enc = prompts.encode_qa(q, a, images=[tokens[i]] if "<image>" in q else [], mode="plain")
             seqs.append(enc.ids)
             labs.append(enc.labels)

@@ -1,0 +1,52 @@
+"""`unipers world build` at micro size: every stage runs, a killed build resumes at its stage, and the
+result loads through the same config path the demo uses."""
+
+import json
+
+import pytest
+
+
+@pytest.fixture
+def micro(monkeypatch):
+    from unipers.world import build
+
+    monkeypatch.setattr(build, "STEPS", dict(tokenizer=2, pretrain=2, vae=2, align=2, classifier=2))
+    monkeypatch.setattr(build, "N_TRAIN", 48)
+    monkeypatch.setattr(build, "N_CLASSIFIER_HELD", 16)
+    return build
+
+
+def test_killed_build_resumes_at_its_stage_and_loads(micro, tmp_path, monkeypatch):
+    root = tmp_path / "world"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the decoder stage")
+
+    real = micro.build_decoder
+    monkeypatch.setattr(micro, "build_decoder", killed)
+    with pytest.raises(KeyboardInterrupt):
+        micro.build_world(root, quiet=True)
+    assert (root / "backbone" / "config.json").is_file()
+    assert not (root / "decoder").exists() and not (root / "world.json").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".")], "a half-written stage was left behind"
+    weights = (root / "backbone" / "model.safetensors").stat().st_mtime_ns
+
+    monkeypatch.setattr(micro, "build_decoder", real)
+    micro.build_world(root, quiet=True)
+    assert (root / "backbone" / "model.safetensors").stat().st_mtime_ns == weights  # not trained again
+    info = json.loads((root / "world.json").read_text())
+    assert set(info["stages"]) == {"backbone", "decoder", "align", "classifier"}
+    assert info["held_out_object"] == {"shape": "star", "colour": "purple", "pattern": "striped"}
+    assert micro.is_built(root)
+
+    from unipers.inference.session import InferenceSession
+
+    session = InferenceSession.from_config(micro.world_config(root), device="cpu")
+    images, _ = session.generate(["A photo of a star."], num_images=2, steps=2)
+    assert images.shape == (2, 3, 32, 32)
+
+
+def test_the_demo_object_is_never_in_the_training_photos(micro):
+    objects, images = micro.training_photos()
+    assert micro.demo_object() not in objects
+    assert len(objects) == len(images) == micro.N_TRAIN

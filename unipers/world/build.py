@@ -1,0 +1,299 @@
+"""``unipers world build``: train the tiny world's base models on CPU and cache them under ``checkpoints/``.
+
+    unipers world build [--root checkpoints/world] [--force]
+
+Stages, each written atomically and skipped when already present (a killed build resumes at the stage it
+was in; ``world.json`` is written last and marks the base complete):
+
+    backbone/     a 4-layer, 128-wide Chameleon: image tokenizer trained (base.py), then AR pre-training
+    decoder/      Stable-Diffusion-format folder: VAE trained on the world, UNet at its seeded init
+    pairs/        image-caption pairs for align (captions.jsonl)
+    align/        the project's align stage: connector + every UNet block (connector.safetensors + delta)
+    classifier.safetensors   attribute classifier that judges generated images (demo metric)
+
+The demo's object (``DEMO_OBJECT``) is never drawn in any of it: the base never sees it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+WORLD_ROOT = REPO / "checkpoints" / "world"
+WORLD_VERSION = "world-v2"
+SEED = 0
+N_TRAIN = 4000  # photos the base models learn from
+N_CLASSIFIER_HELD = 600
+
+# Sizes of the world's base; the figures in DESIGN.md were measured with these.
+BACKBONE = dict(hidden_size=128, num_layers=4, num_heads=4, vocab_size=1024, num_image_tokens=256)
+# Latents of 8x8x8 (VAE x4 down): the UNet learns layouts of 8x8 cells fast on CPU; the VAE draws patterns.
+DECODER = dict(cross_attention_dim=64, pooled_dim=64, vae_attention=False, vae_channels=(16, 32, 64), latent_channels=8)
+STEPS = dict(tokenizer=600, pretrain=1200, vae=600, align=2000, classifier=400)
+
+
+def demo_object():
+    from unipers.world.synth import WorldObject
+
+    return WorldObject("star", "purple", "striped")
+
+
+def world_root(root: str | os.PathLike | None = None) -> Path:
+    return Path(root or os.environ.get("UNIPERS_WORLD_DIR") or WORLD_ROOT)
+
+
+def is_built(root: str | os.PathLike | None = None) -> bool:
+    info = world_root(root) / "world.json"
+    return info.is_file() and json.loads(info.read_text()).get("version") == WORLD_VERSION
+
+
+def world_config(root: str | os.PathLike | None = None, overrides=()):
+    """The Config of the built world: its backbone, decoder and aligned connector (absolute paths)."""
+    from unipers.config import load_config
+
+    root = world_root(root).absolute()
+    return load_config([REPO / "configs" / "world.yaml"], [
+        f"backbone.path={root / 'backbone'}", f"decoder.path={root / 'decoder'}",
+        f"connector.path={root / 'align' / 'connector.safetensors'}", *overrides])
+
+
+class Bar:
+    """A tqdm bar as a progress callback: ``bar(step, {"loss": x})``."""
+
+    def __init__(self, total: int, desc: str, quiet: bool = False):
+        from tqdm.auto import tqdm
+
+        self.tqdm = tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def __call__(self, step: int, info: dict) -> None:
+        self.tqdm.update(1)
+        if step % 10 == 0:
+            self.tqdm.set_postfix({k: f"{v:.3f}" for k, v in info.items()}, refresh=False)
+
+    def close(self) -> None:
+        self.tqdm.close()
+
+
+@contextmanager
+def _bar(total: int, desc: str, quiet: bool):
+    bar = Bar(total, desc, quiet)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def world_corpus() -> str:
+    from unipers.world.base import NONCE_NAMES, object_names
+    from unipers.world.synth import ATTRIBUTES
+
+    words = [w for values in ATTRIBUTES.values() for w in values] + list(NONCE_NAMES)
+    words += [n for o, n in object_names().items() if o != demo_object()]
+    return " " + " ".join(words) + " object What colour pattern shape does have It is a an"
+
+
+def training_photos(seed: int = SEED):
+    """(objects, uint8 images) the base learns from: never the demo object."""
+    from unipers.world.synth import render_many, sample_objects
+
+    objects = sample_objects(N_TRAIN, f"{seed}/train", exclude=[demo_object()])
+    return objects, render_many(objects, f"{seed}/train")
+
+
+def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool) -> dict:
+    import torch
+    from transformers import AutoProcessor, ChameleonForConditionalGeneration
+
+    from unipers.concepts.bank import ConceptBank
+    from unipers.concepts.prompts import PromptBuilder
+    from unipers.models.tiny import build_tiny_chameleon
+    from unipers.world import base
+
+    build_tiny_chameleon(out, seed=seed, corpus=world_corpus(), **BACKBONE)
+    model = ChameleonForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(out, local_files_only=True)
+    pixels = base.to_pixels(images, processor.image_processor)
+    info = {}
+    t0 = time.perf_counter()
+    with _bar(STEPS["tokenizer"], "world: image tokenizer", quiet) as bar:
+        info["tokenizer"] = base.train_image_tokenizer(model, pixels, base.label_tensor(objects),
+                                                       steps=STEPS["tokenizer"], seed=seed, progress=bar)
+    info["tokenizer"]["seconds"] = round(time.perf_counter() - t0, 1)
+    tokens = base.image_tokens(model, pixels)
+    bank = ConceptBank(model.config.vocab_size, model.config.hidden_size)
+    prompts = PromptBuilder(processor.tokenizer, bank, boi_id=processor.image_start_token_id,
+                            eoi_id=processor.image_end_token_id)
+    t0 = time.perf_counter()
+    with _bar(STEPS["pretrain"], "world: AR pre-training", quiet) as bar:
+        info["pretrain"] = base.pretrain_backbone(model, prompts, tokens, objects, steps=STEPS["pretrain"],
+                                                  held_out=[demo_object()], seed=seed, progress=bar)
+    info["pretrain"]["seconds"] = round(time.perf_counter() - t0, 1)
+    with torch.no_grad():
+        model.save_pretrained(out)
+    return info
+
+
+def build_decoder(out: Path, images, *, seed: int, quiet: bool) -> dict:
+    from diffusers import AutoencoderKL
+
+    from unipers.models.tiny_decoder import build_tiny_decoder
+    from unipers.world.base import to_pixels
+    from unipers.world.decoder import train_vae
+
+    build_tiny_decoder(out, seed=seed, **DECODER)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    t0 = time.perf_counter()
+    with _bar(STEPS["vae"], "world: VAE", quiet) as bar:
+        info = train_vae(vae, to_pixels(images), steps=STEPS["vae"], seed=seed, progress=bar)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    shutil.rmtree(out / "vae")
+    vae.save_pretrained(out / "vae")
+    return info
+
+
+def align_caption(obj, rng) -> str:
+    """A caption of a photo of ``obj``: full or partial description, plain or through a made-up name bound
+    in a prefix sentence (how a concept's generation prompt reads: "<bo> is <slots>. A photo of <bo>.")."""
+    from unipers.world.base import _NAMES, _description
+    from unipers.world.synth import with_article
+
+    desc = with_article(_description(obj, rng, full=0.6))
+    if rng.random() < 0.35:  # the object's own name, as the base was taught it
+        return f"A photo of {_NAMES[obj]}."
+    return f"A photo of {desc}."
+
+
+def write_pairs(out: Path, objects, images, *, seed: int) -> None:
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(f"{seed}/captions")
+    (out / "images").mkdir(parents=True)
+    with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
+        for i, (obj, img) in enumerate(zip(objects, images)):
+            Image.fromarray(img).save(out / "images" / f"{i:05d}.png")
+            f.write(json.dumps({"image": f"images/{i:05d}.png", "caption": align_caption(obj, rng)}) + "\n")
+
+
+def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool) -> dict:
+    from unipers.config import load_config
+    from unipers.models.decoder import DiffusionDecoder
+    from unipers.training.run import run_align
+
+    blocks = [n for n, m in DiffusionDecoder.from_pretrained(root / "decoder").unet.named_children()
+              if any(True for _ in m.parameters())]
+    cfg = load_config([REPO / "configs" / "world.yaml"], [
+        "stage=align", f"seed={seed}", f"run_dir={out}", f"backbone.path={root / 'backbone'}",
+        f"decoder.path={root / 'decoder'}", f"data.pairs={root / 'pairs'}", "data.batch_size=32",
+        "connector.path=null",
+        f"trainer.max_steps={STEPS['align']}", "trainer.lr=0.001", "trainer.weight_decay=0.0",
+        "trainer.checkpoint_every=500", "trainer.val_every=0", "trainer.log_every=25",
+        f"trainer.progress_bar={not quiet}", "trainer.accelerator=cpu", "align.train_decoder=blocks",
+        f"align.unfreeze_blocks=[{','.join(blocks)}]", "align.warmup_steps=50", "align.caption_dropout=0.1",
+    ])
+    t0 = time.perf_counter()
+    run_align(cfg)
+    return {"seconds": round(time.perf_counter() - t0, 1), "steps": STEPS["align"], "unet_blocks": blocks}
+
+
+def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool) -> dict:
+    import torch
+
+    from unipers.world.base import label_tensor
+    from unipers.world.decoder import save_classifier, train_classifier
+    from unipers.world.synth import all_objects, render_many, sample_objects
+
+    # The judge may see every object, the demo's included: it scores images, it is not the base.
+    held = sample_objects(N_CLASSIFIER_HELD, f"{seed}/classifier-held")
+    extra = [o for o in all_objects()] * 3
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x_extra = torch.from_numpy(render_many(extra, f"{seed}/classifier")).permute(0, 3, 1, 2).float() / 255
+    held_x = torch.from_numpy(render_many(held, f"{seed}/classifier-held")).permute(0, 3, 1, 2).float() / 255
+    t0 = time.perf_counter()
+    with _bar(STEPS["classifier"], "world: attribute classifier", quiet) as bar:
+        clf, info = train_classifier(torch.cat([x, x_extra]), torch.cat([label_tensor(objects), label_tensor(extra)]),
+                                     held_x, label_tensor(held), steps=STEPS["classifier"], seed=seed, progress=bar)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    save_classifier(clf, path)
+    return info
+
+
+def build_world(root: str | os.PathLike | None = None, *, force: bool = False, quiet: bool = False,
+                seed: int = SEED) -> Path:
+    """Build (or finish building) the tiny world under ``root``; returns the root."""
+    import torch
+
+    from unipers.io import atomic_directory
+
+    root = world_root(root).absolute()
+    if force and root.exists():
+        shutil.rmtree(root)
+    if is_built(root):
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    stages_file = root / "stages.json"
+    stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
+
+    def done(name: str, info: dict) -> None:
+        stages[name] = info
+        stages_file.write_text(json.dumps(stages, indent=2) + "\n")
+
+    t_start = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    objects, images = training_photos(seed)
+    if not (root / "backbone" / "config.json").is_file() or "backbone" not in stages:
+        with atomic_directory(root / "backbone", overwrite=True) as tmp:
+            info = build_backbone(tmp, objects, images, seed=seed, quiet=quiet)
+        done("backbone", info)
+    if not (root / "decoder" / "model_index.json").is_file() or "decoder" not in stages:
+        with atomic_directory(root / "decoder", overwrite=True) as tmp:
+            info = build_decoder(tmp, images, seed=seed, quiet=quiet)
+        done("decoder", info)
+    if not (root / "pairs" / "captions.jsonl").is_file():
+        with atomic_directory(root / "pairs", overwrite=True) as tmp:
+            write_pairs(tmp, objects, images, seed=seed)
+    if not (root / "align" / "connector.safetensors").is_file() or "align" not in stages:
+        partial = root / "align.partial"
+        if partial.exists():
+            shutil.rmtree(partial)
+        info = run_world_align(root, partial, seed=seed, quiet=quiet)
+        if (root / "align").exists():
+            shutil.rmtree(root / "align")
+        partial.rename(root / "align")
+        done("align", info)
+    if not (root / "classifier.safetensors").is_file() or "classifier" not in stages:
+        done("classifier", build_classifier(root / "classifier.safetensors", objects, images, seed=seed, quiet=quiet))
+    obj = demo_object()
+    info = {"version": WORLD_VERSION, "seed": seed, "held_out_object": obj.attributes(),
+            "train_photos": N_TRAIN, "backbone": BACKBONE, "decoder": DECODER, "steps": STEPS, "stages": stages,
+            "seconds_this_call": round(time.perf_counter() - t_start, 1)}
+    (root / "world.json").write_text(json.dumps(info, indent=2) + "\n")
+    return root
+
+
+# ---- command line ---------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="train the tiny world's base models (cached; resumes a killed build)")
+    b.add_argument("--root", default=None, help=f"where to build (default {WORLD_ROOT}, or $UNIPERS_WORLD_DIR)")
+    b.add_argument("--force", action="store_true", help="delete and rebuild from scratch")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    root = build_world(args.root, force=args.force, quiet=args.quiet)
+    info = json.loads((root / "world.json").read_text())
+    print(f"tiny world ready: {root} ({time.perf_counter() - t0:.0f} s)")
+    for name, stage in info["stages"].items():
+        print(f"  {name}: " + ", ".join(f"{k}={v}" for k, v in stage.items() if not isinstance(v, (dict, list))))
+    return 0

@@ -1,6 +1,5 @@
 """Training pieces of the world's base, at tiny size: the tokenizer's k-means and pixel convention."""
 
-import numpy as np
 import torch
 
 from unipers.world.base import kmeans, to_pixels, world_example

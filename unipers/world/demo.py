@@ -152,7 +152,6 @@ def attribute_match(classifier, images, target) -> dict:
 
 def measure(session, concept_file: Path, photos: dict, classifier, s: DemoSettings, images_dir: Path, tag: str) -> dict:
     """Ask, recognize and generate with one concept file loaded."""
-    import torch
     from torchvision.utils import save_image
 
     from unipers.world.build import demo_object
@@ -338,7 +337,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = run_demo(args.out, root=args.root, settings=DemoSettings(steps=args.steps, seed=args.seed, quiet=args.quiet))
+    run_demo(args.out, root=args.root, settings=DemoSettings(steps=args.steps, seed=args.seed, quiet=args.quiet))
     print((Path(args.out) / "report.md").read_text())
     print(f"written to {Path(args.out).absolute()}")
     return 0

@@ -117,3 +117,15 @@ def concept_files(tiny_dirs, tmp_path_factory):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
         files[name] = model.save_concepts(out / f"{name}.safetensors", names=[name])
     return files
+
+
+@pytest.fixture(scope="module")
+def session(concept_files):
+    """An InferenceSession on the embedded default with <bo> and <mam> loaded (one per test module)."""
+    from unipers.config import load_config
+    from unipers.inference import InferenceSession
+
+    s = InferenceSession.from_config(load_config([]))
+    s.load(concept_files["bo"])
+    s.load(concept_files["mam"])
+    return s

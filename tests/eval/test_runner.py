@@ -16,18 +16,9 @@ from unipers.eval.prompts import PERSONAL
 from unipers.eval.runner import Evaluator
 from unipers.eval.scoring import Prompter, answer_logprobs
 from unipers.eval.targets import load_targets
-from unipers.inference import InferenceSession
 
 FAST = ["eval.max_new_tokens=4", "eval.steps=2", "eval.images_per_prompt=1", "eval.batch_size=4",
         "eval.prompts=['a photo of {concept}','{concept} in the snow']"]
-
-
-@pytest.fixture(scope="module")
-def session(concept_files):
-    s = InferenceSession.from_config(load_config([]))
-    s.load(concept_files["bo"])
-    s.load(concept_files["mam"])
-    return s
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ from unipers.inference import InferenceSession, InputError
 
 
 @pytest.fixture(scope="module")
-def session(concept_files):
-    s = InferenceSession.from_config(load_config([]))
-    s.load(concept_files["bo"])
-    s.load(concept_files["mam"])
-    return s
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     root = tmp_path_factory.mktemp("photos")
     paths = []

@@ -213,7 +213,7 @@ def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool) -> 
 
     # The judge may see every object, the demo's included: it scores images, it is not the base.
     held = sample_objects(N_CLASSIFIER_HELD, f"{seed}/classifier-held")
-    extra = [o for o in all_objects()] * 3
+    extra = all_objects() * 3
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x_extra = torch.from_numpy(render_many(extra, f"{seed}/classifier")).permute(0, 3, 1, 2).float() / 255
     held_x = torch.from_numpy(render_many(held, f"{seed}/classifier-held")).permute(0, 3, 1, 2).float() / 255
@@ -229,8 +229,6 @@ def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool) -> 
 def build_world(root: str | os.PathLike | None = None, *, force: bool = False, quiet: bool = False,
                 seed: int = SEED) -> Path:
     """Build (or finish building) the tiny world under ``root``; returns the root."""
-    import torch
-
     from unipers.io import atomic_directory
 
     root = world_root(root).absolute()
@@ -247,7 +245,6 @@ def build_world(root: str | os.PathLike | None = None, *, force: bool = False, q
         stages_file.write_text(json.dumps(stages, indent=2) + "\n")
 
     t_start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     objects, images = training_photos(seed)
     if not (root / "backbone" / "config.json").is_file() or "backbone" not in stages:
         with atomic_directory(root / "backbone", overwrite=True) as tmp:

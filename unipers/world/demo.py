@@ -209,6 +209,7 @@ def held_out_eval(cfg, session, concept_file: Path, data: Path, out: Path) -> di
 def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settings: DemoSettings | None = None) -> dict:
     import torch
 
+    from unipers.config import to_yaml
     from unipers.inference.session import InferenceSession
     from unipers.training.run import train
     from unipers.world.build import build_world, demo_object, world_root
@@ -230,7 +231,7 @@ def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settin
     photos = write_photos(out / "photos", s.seed)
     data = prepare(out / "photos", out / "data" / NAME, s.seed)
     cfg = demo_config(root, out, s)
-    (out / "config.yaml").write_text(_config_yaml(cfg))
+    (out / "config.yaml").write_text(to_yaml(cfg))
     t["prepare"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -273,12 +274,6 @@ def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settin
     (out / "answers.json").write_text(json.dumps(answers, indent=2) + "\n")
     (out / "report.md").write_text(format_report(report))
     return report
-
-
-def _config_yaml(cfg) -> str:
-    from unipers.config import to_yaml
-
-    return to_yaml(cfg)
 
 
 def _pct(x: float) -> str:

@@ -86,10 +86,13 @@ def build_tiny_chameleon(
     image_size: int = 32,
     seed: int = 0,
     corpus: str = "",
+    channel_multiplier: tuple[int, ...] = (1, 1, 2),
 ) -> Path:
     """Write a random tiny ChameleonForConditionalGeneration + tokenizer + processor to `out_dir`.
 
-    ``corpus``: extra text the BPE tokenizer is trained on (e.g. the tiny world's words)."""
+    ``corpus``: extra text the BPE tokenizer is trained on (e.g. the tiny world's words).
+    ``channel_multiplier``: the VQ encoder's levels; each after the first halves the side, so the default
+    (1, 1, 2) gives 8x8 = 64 tokens for a 32 px image and (1, 1, 2, 2) gives 4x4 = 16."""
     import torch
     from transformers import (
         ChameleonConfig,
@@ -101,7 +104,7 @@ def build_tiny_chameleon(
     out = Path(out_dir)
     tokenizer = _tiny_tokenizer(num_image_tokens, vocab_size, corpus)
     vocab = tokenizer.get_vocab()
-    channel_multiplier = [1, 1, 2]  # two downsamples: 32 px -> 8x8 = 64 tokens per image
+    channel_multiplier = list(channel_multiplier)
     tokens_per_side = image_size // 2 ** (len(channel_multiplier) - 1)
     config = ChameleonConfig(
         vocab_size=vocab_size,

@@ -46,7 +46,8 @@ def test_tokenizer_training_gives_codes_that_depend_on_the_image(backbone_dir):
 def test_pretraining_texts_answer_truthfully():
     import random
 
-    from unipers.world.base import object_names
+    from unipers.world.base import NONCE_NAMES, object_names
+    from unipers.world.synth import with_article
 
     obj = WorldObject("star", "purple", "striped")
     names = object_names()
@@ -54,15 +55,23 @@ def test_pretraining_texts_answer_truthfully():
     rng = random.Random(0)
     seen = set()
     for _ in range(400):
-        q, a = world_example(obj, rng)
+        q, a, decision_only = world_example(obj, rng)
+        recognition = " <image>\n" in q
+        assert recognition or not decision_only  # only recognition is ever scored on its first token alone
+        seen.add(("decision only" if decision_only else "whole answer") if recognition else None)
         if q.endswith("What colour is the object?"):
             assert a == "Purple."
             seen.add("colour")
-        elif names[obj] in q and q.startswith("<image>") and "Is " in q:
-            assert a.startswith("Yes")
-            seen.add("own name")
+        elif recognition:
+            # concept layout: "<name> is <description>. <image>\n<question about name>"
+            name, rest = q.split(" is ", 1)
+            assert name in NONCE_NAMES and name in rest.split("\n", 1)[1]
+            described = rest.split(". <image>", 1)[0]
+            assert a.startswith("Yes" if described == with_article(obj.describe()) else "No")
+            seen.add("recognition yes" if a.startswith("Yes") else "recognition no")
         elif q.startswith("<image>\nIs the object"):
             word = q.rstrip("?").split()[-1]
             assert a == ("Yes." if word in obj.attributes().values() else "No.")
             seen.add("yes/no")
-    assert seen == {"colour", "own name", "yes/no"}
+    seen.discard(None)
+    assert seen == {"colour", "recognition yes", "recognition no", "yes/no", "decision only", "whole answer"}

@@ -3,13 +3,14 @@ recognition / attribute-question / caption data.
 
 A random frozen Chameleon VQ encoder is not a tokenizer (attribute probes on its codes sit near chance).
 So the encoder is first trained *without* quantization, with an attribute head (shape, colour, pattern)
-and a per-token regression of its 4x4 patch's pixels, and the codebook is then fitted to the encoder's
+and a per-token regression of its patch's pixels (8x8 in the world: 16 tokens per image), and the codebook is then fitted to the encoder's
 outputs by k-means. ``get_image_tokens`` of the saved model then gives meaningful codes through the
 unchanged transformers code path.
 
 The pre-training texts use the same templates and layout as personalization (``unipers.data.samples``,
-``PromptBuilder``), with a plain description ("the purple striped star") or a made-up name bound to one
-in a prefix sentence ("zib is a purple striped star.") where a concept would stand.
+``PromptBuilder``). Recognition, the main task, is asked in a concept's understanding layout with a
+made-up name bound to a description in a prefix sentence ("zib is a purple striped star. <image>\nIs zib in
+this photo?"), so a concept's soft tokens later stand where the description stood.
 """
 
 from __future__ import annotations
@@ -204,41 +205,57 @@ def object_names() -> dict[WorldObject, str]:
 _NAMES = object_names()
 
 
-def world_example(obj: WorldObject, rng: random.Random, held_out: Sequence[WorldObject] = ()) -> tuple[str, str]:
-    """One (question with an <image> marker, or text only, and its answer) about a photo of ``obj``.
+RECOGNITION_SHARE = 0.6
+DECISION_ONLY = 0.5  # share of recognition examples scored on their Yes / No alone
 
-    The main task is recognition of *named* objects: every object of the world has a name ("kabo"), and
-    "Is kabo in this photo?" is asked of its photos and of others, near-misses half the time. For one name
-    the answer is a first-order function of the image, so a detector per name is learnt quickly, and the
-    names' embeddings come to span the world's objects. A concept's tokens are then one more such name.
-    (Matching free-text descriptions against the image instead is a symmetric, XOR-like problem: a
-    4-layer base stayed at chance on it for thousands of steps.)"""
+
+def recognition_example(obj: WorldObject, rng: random.Random, held_out: Sequence[WorldObject] = ()) -> tuple[str, str]:
+    """"Is zib in this photo?" about a photo of ``obj``, with zib described in a prefix sentence first:
+    the layout of a concept's understanding prompt ("<bo> is <slots>. <image>\nIs <bo> in this photo?"),
+    the description standing where the concept's soft tokens will. Half are negatives, half of those
+    near-misses (two of three attributes shared)."""
+    from unipers.data import samples as S
+
+    positive = rng.random() < 0.5
+    target = obj if positive else _other(obj, rng, held_out)
+    name = rng.choice(NONCE_NAMES)
+    question = f"{name} is {with_article(target.describe())}. <image>\n" + rng.choice(S.RECOGNITION_QUESTIONS).format(c=name)
+    return question, rng.choice(S.POSITIVE_ANSWERS if positive else S.NEGATIVE_ANSWERS).format(c=name)
+
+
+def world_example(obj: WorldObject, rng: random.Random, held_out: Sequence[WorldObject] = (),
+                  recognition_share: float = RECOGNITION_SHARE) -> tuple[str, str, bool]:
+    """One (question with an <image> marker, or text only; its answer; whether only the answer's first
+    token is scored) about a photo of ``obj``.
+
+    The main task is recognition in the concept layout (``recognition_example``), scored on its Yes / No
+    alone: the rest of a templated answer repeats the question, and its gradient drowned the decision's (a
+    base trained on whole answers stayed at chance). The description comes *before* the image, so every
+    image token can check itself against it; asked after the image ("Is the purple striped star in this
+    photo?") or through a memorised name per object, a 4-layer base stayed at chance for thousands of steps.
+    The other tasks teach names, attributes and captions, and how a fact is read off a prefix sentence."""
     from unipers.data import samples as S
 
     task = rng.random()
+    if task < recognition_share:
+        return (*recognition_example(obj, rng, held_out), rng.random() < DECISION_ONLY)
+    task = (task - recognition_share) / (1.0 - recognition_share)
     key = rng.choice(list(ATTRIBUTE_QUESTIONS))
     value = obj.attributes()[key].capitalize() + "."
-    if task < 0.5:  # recognition of a named object
-        positive = rng.random() < 0.5
-        target = obj if positive else _other(obj, rng, held_out)
-        c = _NAMES[target]
-        question = "<image>\n" + rng.choice(S.RECOGNITION_QUESTIONS).format(c=c)
-        answer = rng.choice(S.POSITIVE_ANSWERS if positive else S.NEGATIVE_ANSWERS).format(c=c)
-        return question, answer
-    if task < 0.62:  # text only: what a name stands for
-        return ATTRIBUTE_QUESTIONS[key].format(c=_NAMES[obj]), value
-    if task < 0.74:  # an attribute of the object in the photo
-        return "<image>\n" + ATTRIBUTE_QUESTIONS[key].format(c="the object"), value
-    if task < 0.86:  # caption, naming the object
+    if task < 0.24:  # text only: what a name stands for
+        return ATTRIBUTE_QUESTIONS[key].format(c=_NAMES[obj]), value, False
+    if task < 0.48:  # an attribute of the object in the photo
+        return "<image>\n" + ATTRIBUTE_QUESTIONS[key].format(c="the object"), value, False
+    if task < 0.72:  # caption, naming the object
         return ("<image>\n" + rng.choice(S.CAPTION_QUESTIONS),
-                f"A photo of {_NAMES[obj]}, {with_article(obj.describe())}.")
-    if task < 0.93:  # yes/no on one attribute
+                f"A photo of {_NAMES[obj]}, {with_article(obj.describe())}.", False)
+    if task < 0.86:  # yes/no on one attribute
         k = rng.choice(list(YES_NO_ATTRIBUTE))
         v = obj.attributes()[k] if rng.random() < 0.5 else rng.choice(ATTRIBUTES[k])
-        return "<image>\n" + YES_NO_ATTRIBUTE[k].format(v=v), "Yes." if v == obj.attributes()[k] else "No."
+        return "<image>\n" + YES_NO_ATTRIBUTE[k].format(v=v), "Yes." if v == obj.attributes()[k] else "No.", False
     # text only: a fact read off a prefix sentence (how a concept's facts are asked)
     name = rng.choice(NONCE_NAMES)
-    return f"{name} is {with_article(obj.describe())}. " + ATTRIBUTE_QUESTIONS[key].format(c=name), value
+    return f"{name} is {with_article(obj.describe())}. " + ATTRIBUTE_QUESTIONS[key].format(c=name), value, False
 
 
 def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float) -> Tensor:
@@ -261,6 +278,7 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
 
     ``prompts``: a PromptBuilder over the model's tokenizer (plain mode: no concepts). ``tokens`` (N, T)
     image ids of photos of ``objects``."""
+    from unipers.concepts.prompts import IGNORE_INDEX
     from unipers.models.unified import pad_batch
 
     rng = random.Random(f"pretrain/{seed}")
@@ -282,10 +300,15 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
         seqs, labs = [], []
         for _ in range(batch_size):
             i = rng.randrange(len(objects))
-            q, a = world_example(objects[i], rng, held_out)
+            q, a, decision_only = world_example(objects[i], rng, held_out)
             enc = prompts.encode_qa(q, a, images=[tokens[i]] if "<image>" in q else [], mode="plain")
+            labels = enc.labels
+            if decision_only:  # the first answer token alone
+                first = next(k for k, v in enumerate(labels) if v != IGNORE_INDEX)
+                labels = [IGNORE_INDEX] * len(labels)
+                labels[first] = enc.ids[first]
             seqs.append(enc.ids)
-            labs.append(enc.labels)
+            labs.append(labels)
         ids, mask = pad_batch(seqs, pad)
         labels, _ = pad_batch(labs, pad, labels=True)
         loss = weighted_answer_loss(model(input_ids=ids, attention_mask=mask).logits, labels, first_weight)

@@ -27,16 +27,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_ROOT = REPO / "checkpoints" / "world"
-WORLD_VERSION = "world-v2"
+WORLD_VERSION = "world-v3"
 SEED = 0
 N_TRAIN = 4000  # photos the base models learn from
 N_CLASSIFIER_HELD = 600
 
 # Sizes of the world's base; the figures in DESIGN.md were measured with these.
-BACKBONE = dict(hidden_size=128, num_layers=4, num_heads=4, vocab_size=1024, num_image_tokens=256)
+BACKBONE = dict(hidden_size=128, num_layers=4, num_heads=4, vocab_size=1536, num_image_tokens=256,
+                channel_multiplier=(1, 1, 2, 2))
 # Latents of 8x8x8 (VAE x4 down): the UNet learns layouts of 8x8 cells fast on CPU; the VAE draws patterns.
 DECODER = dict(cross_attention_dim=64, pooled_dim=64, vae_attention=False, vae_channels=(16, 32, 64), latent_channels=8)
-STEPS = dict(tokenizer=600, pretrain=1200, vae=600, align=2000, classifier=400)
+STEPS = dict(tokenizer=600, pretrain=2000, vae=600, align=2000, classifier=400)
 
 
 def demo_object():
@@ -95,7 +96,8 @@ def world_corpus() -> str:
     from unipers.world.synth import ATTRIBUTES
 
     words = [w for values in ATTRIBUTES.values() for w in values] + list(NONCE_NAMES)
-    words += [n for o, n in object_names().items() if o != demo_object()]
+    # Each object's name thrice, so the BPE learns every name as one token, as a concept's identifier is.
+    words += [n for o, n in object_names().items() if o != demo_object()] * 3
     return " " + " ".join(words) + " object What colour pattern shape does have It is a an"
 
 

@@ -1,0 +1,100 @@
+"""How well the tiny world's AR base recognizes, before any concept is trained.
+
+    python benchmarks/bench_world_recognition.py [--root checkpoints/world] [--photos 120]
+
+On fresh photos of the base's training objects (never the demo object), asks "Is zib in this photo?" with
+zib described two ways, and scores Yes/No from the answer-token logits (as ``unipers recognize`` does):
+
+    concept layout  "zib is a purple striped star. <image>\\nIs zib in this photo?"   (how the base is trained,
+                    and how a concept's prompt reads: "<bo> is <slots>. <image>\\nIs <bo> in this photo?")
+    after image     "<image>\\nIs the purple striped star in this photo?"              (the naive layout)
+
+Negatives are near-misses (two of three attributes shared) and others. Prints a markdown table and writes
+JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@torch.no_grad()
+def score(model, prompts, questions, tokens, yes_id: int, no_id: int) -> torch.Tensor:
+    """True where the model's answer to each (question, image tokens) is Yes."""
+    from unipers.models.unified import pad_batch
+
+    seqs = [prompts.encode_question(q, images=[t], mode="plain") for q, t in zip(questions, tokens)]
+    ids, mask = pad_batch(seqs, prompts.tokenizer.pad_token_id)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    last = logits[torch.arange(len(seqs)), mask.sum(1) - 1]
+    return last[:, yes_id] > last[:, no_id]
+
+
+def main(argv=None) -> int:
+    from transformers import AutoProcessor, ChameleonForConditionalGeneration
+
+    from unipers.concepts.bank import ConceptBank
+    from unipers.concepts.prompts import PromptBuilder
+    from unipers.world import base
+    from unipers.world.build import demo_object, world_root
+    from unipers.world.synth import all_objects, near_misses, render_many, with_article
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", default=None, help="a built world (default checkpoints/world or $UNIPERS_WORLD_DIR)")
+    p.add_argument("--photos", type=int, default=120)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    path = world_root(args.root) / "backbone"
+    model = ChameleonForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
+    proc = AutoProcessor.from_pretrained(path, local_files_only=True)
+    prompts = PromptBuilder(proc.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
+                            boi_id=proc.image_start_token_id, eoi_id=proc.image_end_token_id)
+    yes_id = proc.tokenizer("Yes", add_special_tokens=False).input_ids[0]
+    no_id = proc.tokenizer("No", add_special_tokens=False).input_ids[0]
+
+    rng = random.Random("bench/world-recognition")
+    objects = [o for o in all_objects() if o != demo_object()]
+    shown = [rng.choice(objects) for _ in range(args.photos)]
+    tokens = base.image_tokens(model, base.to_pixels(render_many(shown, "bench/world-recognition"), proc.image_processor))
+    asked = {
+        "pos": shown,
+        "near-miss neg": [rng.choice([m for m in near_misses(o) if m != demo_object()]) for o in shown],
+        "other neg": [rng.choice([m for m in objects if m.shared(o) < 2]) for o in shown],
+    }
+    layouts = {
+        "concept layout": lambda o: f"zib is {with_article(o.describe())}. <image>\nIs zib in this photo?",
+        "after image": lambda o: f"<image>\nIs the {o.describe()} in this photo?",
+    }
+    rows = {}
+    t0 = time.perf_counter()
+    for layout, make in layouts.items():
+        accs = {}
+        for kind, targets in asked.items():
+            said_yes = score(model, prompts, [make(o) for o in targets], tokens, yes_id, no_id)
+            accs[kind] = (said_yes if kind == "pos" else ~said_yes).float().mean().item()
+        accs["weighted"] = (accs["pos"] + (accs["near-miss neg"] + accs["other neg"]) / 2) / 2
+        rows[layout] = accs
+    cols = ["pos", "near-miss neg", "other neg", "weighted"]
+    print(f"base recognition on {args.photos} fresh photos ({path}, {time.perf_counter() - t0:.1f} s)\n")
+    print("| layout | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
+    for layout, accs in rows.items():
+        print(f"| {layout} | " + " | ".join(f"{accs[c]:.2f}" for c in cols) + " |")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "world_recognition.json"
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "backbone": str(path), "photos": args.photos,
+                               "results": rows, "torch": torch.__version__}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

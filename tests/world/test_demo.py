@@ -75,9 +75,17 @@ def test_fact_answers_change_from_wrong_to_right(demo):
         assert not fb["right"] and fa["right"], (fb, fa)
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue #8): the world's 4-layer AR base has not learnt image-"
-                   "conditional yes/no within its CPU budget (named-object recognition 0.50-0.59 on near-misses "
-                   "after 1,200-2,000 pre-training steps), so a concept cannot learn to say no; see README 'Not yet'")
+def test_held_out_recognition_rises(demo):
+    """What holds today: personalization lifts held-out recognition well above its start (CI: 0.31 -> 0.67)."""
+    _, report = demo
+    before, after = report["results"]["before"]["eval"], report["results"]["after"]["eval"]
+    assert after["recognition/weighted"] >= 0.6
+    assert after["recognition/weighted"] - before["recognition/weighted"] >= 0.2
+
+
+@pytest.mark.xfail(strict=False, reason="open (issue #8): the world's 4-layer AR base recognizes 0.77 weighted in the "
+                   "concept layout after 2,000 pre-training steps (benchmarks/bench_world_recognition.py), and a concept "
+                   "fitted on 5 photos reaches 0.6-0.8 held-out; see README 'Not yet'")
 def test_held_out_recognition_rises_to_090(demo):
     _, report = demo
     before, after = report["results"]["before"]["eval"], report["results"]["after"]["eval"]

@@ -40,7 +40,7 @@ FACTS = (  # (question, answer, the word a right answer must contain)
 
 @dataclass
 class DemoSettings:
-    steps: int = 2400
+    steps: int = 3600
     """personalization steps"""
     lr: float = 0.03
     batch_size: int = 8
@@ -123,8 +123,8 @@ def demo_config(root: Path, out: Path, s: DemoSettings):
         f"trainer.checkpoint_every={max(1, s.steps // 3)}", "trainer.log_every=10",
         f"trainer.progress_bar={not s.quiet}", "personalize.warmup_steps=10",
         # facts are a handful of sentences: sample them more often than the default mix does
-        "data.task_weights.recognition=0.25", "data.task_weights.qa=0.35", "data.task_weights.caption=0.1",
-        "data.task_weights.generation=0.3",
+        "data.task_weights.recognition=0.25", "data.task_weights.qa=0.45", "data.task_weights.caption=0.05",
+        "data.task_weights.generation=0.25",
         f"eval.steps={s.gen_steps}", f"eval.guidance={s.guidance}", "eval.baselines=[]",
     ])
 

@@ -85,7 +85,7 @@ def test_held_out_recognition_rises(demo):
 
 @pytest.mark.xfail(strict=False, reason="open (issue #8): the world's 4-layer AR base recognizes 0.77 weighted in the "
                    "concept layout after 2,000 pre-training steps (benchmarks/bench_world_recognition.py), and a concept "
-                   "fitted on 5 photos reaches 0.6-0.8 held-out; see README 'Not yet'")
+                   "fitted on 5 photos reaches 0.58-0.79 held-out; see README 'Not yet'")
 def test_held_out_recognition_rises_to_090(demo):
     _, report = demo
     before, after = report["results"]["before"]["eval"], report["results"]["after"]["eval"]

@@ -3,9 +3,9 @@ recognition / attribute-question / caption data.
 
 A random frozen Chameleon VQ encoder is not a tokenizer (attribute probes on its codes sit near chance).
 So the encoder is first trained *without* quantization, with an attribute head (shape, colour, pattern)
-and a per-token regression of its patch's pixels (8x8 in the world: 16 tokens per image), and the codebook is then fitted to the encoder's
-outputs by k-means. ``get_image_tokens`` of the saved model then gives meaningful codes through the
-unchanged transformers code path.
+and a per-token regression of its patch's pixels (8x8 in the world: 16 tokens per image), and the
+codebook is then fitted to the encoder's outputs by k-means. ``get_image_tokens`` of the saved model then
+gives meaningful codes through the unchanged transformers code path.
 
 The pre-training texts use the same templates and layout as personalization (``unipers.data.samples``,
 ``PromptBuilder``). Recognition, the main task, is asked in a concept's understanding layout with a
@@ -228,11 +228,12 @@ def world_example(obj: WorldObject, rng: random.Random, held_out: Sequence[World
     """One (question with an <image> marker, or text only; its answer; whether only the answer's first
     token is scored) about a photo of ``obj``.
 
-    The main task is recognition in the concept layout (``recognition_example``), scored on its Yes / No
-    alone: the rest of a templated answer repeats the question, and its gradient drowned the decision's (a
-    base trained on whole answers stayed at chance). The description comes *before* the image, so every
-    image token can check itself against it; asked after the image ("Is the purple striped star in this
-    photo?") or through a memorised name per object, a 4-layer base stayed at chance for thousands of steps.
+    The main task is recognition in the concept layout (``recognition_example``), half of it scored on its
+    Yes / No alone: the rest of a templated answer repeats the question, and its gradient drowned the
+    decision's; the other half teaches the answer's wording, which a concept is later trained on. The
+    description comes *before* the image, so every image token can check itself against it. Asked after the
+    image ("Is the purple striped star in this photo?") or through one memorised name per object, with whole
+    answers scored, a 4-layer base stayed at chance (0.50) after 1,200 steps.
     The other tasks teach names, attributes and captions, and how a fact is read off a prefix sentence."""
     from unipers.data import samples as S
 

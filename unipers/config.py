@@ -93,6 +93,18 @@ class BankConfig:
 
 
 @dataclass
+class AugmentConfig:
+    views: int = 0
+    """Extra augmented views (crop + flip) per training image of recognition / caption / VQA; 0 = off."""
+    scale: list[float] = field(default_factory=lambda: [0.7, 1.0])
+    """Area share of the random crop (resized back to the image's size)."""
+    ratio: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    """Aspect-ratio range of the crop."""
+    flip: bool = True
+    """Mirror half of the views left-right (turn off for text, logos, anything not mirror-symmetric)."""
+
+
+@dataclass
 class DataConfig:
     concepts: list[str] = field(default_factory=list)
     """Folders written by ``unipers prepare``, one per concept (several train together)."""
@@ -103,6 +115,8 @@ class DataConfig:
     task_weights: dict[str, float] = field(default_factory=lambda: {
         "recognition": 0.4, "qa": 0.15, "caption": 0.15, "generation": 0.3, "vqa": 0.0})
     """Mixing ratios of the manifest's tasks (tasks absent from the data drop out)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Augmented views of training images (unipers/data/augment.py); cached like the originals."""
     pairs: Optional[str] = None
     """Align only: a folder of images with captions.jsonl, or a glob of WebDataset tar shards."""
 

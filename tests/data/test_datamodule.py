@@ -140,3 +140,49 @@ def test_missing_or_unprepared_folder(tmp_path, model):
         ConceptDataModule([tmp_path])
     with pytest.raises(ValueError, match="no concept folders"):
         ConceptDataModule([])
+
+
+def test_augmented_views_add_cached_crops_of_training_images_only(prepared, model, monkeypatch):
+    from safetensors.torch import load_file
+
+    from unipers.data.augment import ViewSpec
+
+    plain = datamodule(prepared, model)
+    dm = datamodule(prepared, model, augment=ViewSpec(views=3))
+    count = collections.Counter
+    before, after = count(r.sample.task for r in plain.train_records), count(r.sample.task for r in dm.train_records)
+    for task in ("recognition", "caption"):
+        assert after[task] == 4 * before[task]  # the photo + 3 views
+    assert after["qa"] == before["qa"] and after["generation"] == before["generation"]
+    assert len(dm.val_records) == len(plain.val_records) and all(r.view == 0 for r in dm.val_records)
+    assert len({r.uid for r in dm.train_records}) == len(dm.train_records)
+
+    tokens = dm.collator.image_tokens
+    rec = [r for r in dm.train_records if r.sample.task == "recognition"]
+    first = rec[0]
+    views = [r for r in rec if r.sample is first.sample]
+    assert [r.view for r in views] == [0, 1, 2, 3]
+    assert views[0].image_key == str(first.root / first.sample.image)  # view 0 is the photo itself
+    originals = tokens[views[0].image_key]
+    assert any(not tokens[v.image_key].equal(originals) for v in views[1:])  # views are other images
+    stored = load_file(str(next((prepared[0] / "cache").glob("image_tokens-*.safetensors"))))
+    assert any("#rrc" in k for k in stored) and not any("#" in k and "/val_" in k for k in stored)
+
+    def boom(*a, **k):
+        raise AssertionError("re-encoded a cached view")
+
+    monkeypatch.setattr(model.backbone, "encode_images", boom)
+    again = datamodule(prepared, model, augment=ViewSpec(views=3))  # same views, read from the cache
+    assert all(again.collator.image_tokens[r.image_key].equal(tokens[r.image_key]) for r in views)
+
+
+def test_augment_config_reaches_the_datamodule_and_is_checked():
+    from unipers.config import ConfigError
+    from unipers.data.augment import ViewSpec
+
+    cfg = load_config([], ["data.augment.views=8", "data.augment.scale=[0.5,1.0]", "data.augment.flip=false"])
+    assert ViewSpec.from_config(cfg.data.augment) == ViewSpec(views=8, scale=(0.5, 1.0), flip=False)
+    with pytest.raises(ValueError, match="data.augment.scale"):
+        ViewSpec.from_config(load_config([], ["data.augment.scale=[0.0,1.0]"]).data.augment)
+    with pytest.raises(ConfigError, match="data.augment.view"):
+        load_config([], ["data.augment.view=3"])

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from unipers.concepts.prompts import IGNORE_INDEX, IMAGE_MARKER, Encoded, PromptBuilder
+from unipers.data.augment import ViewSpec, view_key
 from unipers.data.manifest import Sample
 from unipers.models.unified import pad_batch
 
@@ -37,10 +38,15 @@ class Record:
     sample: Sample
     root: Path
     uid: int = 0
+    view: int = 0  # 0: the image itself; k > 0: augmented view k drawn by `spec` (unipers/data/augment.py)
+    spec: ViewSpec | None = None
 
     @property
     def image_key(self) -> str | None:
-        return str(self.root / self.sample.image) if self.sample.image else None
+        if not self.sample.image:
+            return None
+        path = str(self.root / self.sample.image)
+        return view_key(path, self.spec, self.view) if self.spec is not None else path
 
 
 def question_text(sample: Sample) -> str:
@@ -107,10 +113,18 @@ class Collator:
 
 # ---- feature caches ------------------------------------------------------------------------------------
 def _load_rgb(path: str):
+    """An image by feature key: a plain path, or a view key (an augmented view of that path)."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    from unipers.data.augment import augment_view, split_view_key
+
+    file, spec, view = split_view_key(path)
+    with Image.open(file) as im:
+        img = im.convert("RGB")
+    if spec is None:
+        return img
+    # seeded by the image's place in its prepared folder, not the absolute path: same views on every machine
+    return augment_view(img, spec, "/".join(Path(file).parts[-2:]) + f"#{spec.tag}/{view}")
 
 
 def _decoder_pixels(path: str, size: int) -> Tensor:

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import Dataset
 
 from unipers.config import DataConfig
-from unipers.data.collate import Collator, Record, StageFormat, image_token_cache, latent_cache
+from unipers.data.augment import ViewSpec
+from unipers.data.collate import UNDERSTANDING_TASKS, Collator, Record, StageFormat, image_token_cache, latent_cache
 from unipers.data.manifest import read_prepared
 from unipers.data.sampler import MixtureSampler
 
@@ -54,15 +55,27 @@ def load_records(folders: Sequence[str | Path], split: str) -> tuple[list[Record
     return records, concepts
 
 
+def with_views(records: Sequence[Record], spec: ViewSpec) -> list[Record]:
+    """Each understanding record with an image, followed by its ``spec.views`` augmented views (other
+    records unchanged); ids renumbered so they stay unique. The sampler draws uniformly within a task, so
+    every view of a photo is as likely as the photo itself, and the task mix is unchanged."""
+    out: list[Record] = []
+    for r in records:
+        views = spec.views if r.sample.image and r.sample.task in UNDERSTANDING_TASKS else 0
+        out += [Record(r.sample, r.root, len(out) + v, v, spec if v else None) for v in range(views + 1)]
+    return out
+
+
 class ConceptDataModule(L.LightningDataModule):
     def __init__(self, folders: Sequence[str | Path], *, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
                  task_weights: Optional[Mapping[str, float]] = None, samples_per_epoch: Optional[int] = None,
                  steps: Optional[int] = None, accumulate: int = 1,
                  stages: Optional[Sequence[tuple[int, Mapping[str, float]]]] = None,
-                 formats: Sequence[StageFormat] = (StageFormat(),)):
-        """`steps` makes one epoch exactly `steps` optimizer steps long (a training run is one epoch), and
+                 formats: Sequence[StageFormat] = (StageFormat(),), augment: ViewSpec = ViewSpec()):
+        """`steps` makes one epoch exactly `steps` optimizer steps long (a training run is one epoch),
         `stages` ((first step, task weights) per stage) with `formats` lets a recipe change the mix and
-        the sample format from stage to stage."""
+        the sample format from stage to stage, and `augment` adds augmented views of the training images
+        of understanding tasks (validation keeps the photos as they are)."""
         super().__init__()
         if not folders:
             raise ValueError("no concept folders given (set data.concepts=[DIR,...])")
@@ -72,7 +85,10 @@ class ConceptDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.steps, self.accumulate = steps, accumulate
         self.stages, self.formats = stages, list(formats)
+        self.augment = augment
         self.train_records, self.concepts = load_records(self.folders, "train")
+        if augment.views:
+            self.train_records = with_views(self.train_records, augment)
         self.val_records, _ = load_records(self.folders, "val")
         self.collator: Optional[Collator] = None
 

@@ -192,6 +192,7 @@ def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:
     import lightning as L
 
     from unipers.config import ConfigError
+    from unipers.data.augment import ViewSpec
     from unipers.data.datamodule import ConceptDataModule
     from unipers.models.unified import UnifiedModel
     from unipers.training.callbacks import ConceptFiles, ValidationSamples
@@ -208,7 +209,8 @@ def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:
     data = ConceptDataModule(cfg.data.concepts, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
                              seed=cfg.seed, task_weights=cfg.data.task_weights, steps=t.max_steps,
                              accumulate=t.accumulate_grad_batches,
-                             stages=schedule.task_stages(cfg.data.task_weights), formats=schedule.formats())
+                             stages=schedule.task_stages(cfg.data.task_weights), formats=schedule.formats(),
+                             augment=ViewSpec.from_config(cfg.data.augment))
     model = UnifiedModel.from_config(cfg)
     for concept in data.concepts:
         model.add_concept(concept["name"], concept.get("class_word"), init=cfg.bank.init,

@@ -9,8 +9,10 @@ zib described two ways, and scores Yes/No from the answer-token logits (as ``uni
                     and how a concept's prompt reads: "<bo> is <slots>. <image>\\nIs <bo> in this photo?")
     after image     "<image>\\nIs the purple striped star in this photo?"              (the naive layout)
 
-Negatives are near-misses (two of three attributes shared) and others. Prints a markdown table and writes
-JSON under benchmarks/results/.
+Negatives are near-misses (two of three attributes shared) and others. Then two diagnostics of the
+concept layout: near-misses rejected by which attribute they change, and the base's answers to "What
+shape / colour / pattern is the object?" about the photos (arg-max over that attribute's values at the
+answer's first token). Prints markdown tables and writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@torch.no_grad()
+def attribute_answers(model, prompts, tokens, shown, tokenizer) -> dict:
+    """Share of photos whose asked attribute the base names right, per attribute."""
+    from unipers.models.unified import pad_batch
+    from unipers.world.base import ATTRIBUTE_QUESTIONS
+    from unipers.world.synth import ATTRIBUTES
+
+    out = {}
+    for key, question in ATTRIBUTE_QUESTIONS.items():
+        values = ATTRIBUTES[key]
+        first = [tokenizer(v.capitalize(), add_special_tokens=False).input_ids[0] for v in values]
+        seqs = [prompts.encode_question("<image>\n" + question.format(c="the object"), images=[t], mode="plain")
+                for t in tokens]
+        ids, mask = pad_batch(seqs, tokenizer.pad_token_id)
+        last = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(seqs)), mask.sum(1) - 1]
+        truth = torch.tensor([values.index(o.attributes()[key]) for o in shown])
+        out[key] = (last[:, first].argmax(1) == truth).float().mean().item()
+    return out
 
 
 @torch.no_grad()
@@ -83,15 +105,28 @@ def main(argv=None) -> int:
             accs[kind] = (said_yes if kind == "pos" else ~said_yes).float().mean().item()
         accs["weighted"] = (accs["pos"] + (accs["near-miss neg"] + accs["other neg"]) / 2) / 2
         rows[layout] = accs
+    concept = layouts["concept layout"]
+    by_attribute = {}
+    for attr in ("shape", "colour", "pattern"):
+        changed = [rng.choice([m for m in near_misses(o) if getattr(m, attr) != getattr(o, attr) and m != demo_object()])
+                   for o in shown]
+        said_yes = score(model, prompts, [concept(o) for o in changed], tokens, yes_id, no_id)
+        by_attribute[attr] = (~said_yes).float().mean().item()
+    answers = attribute_answers(model, prompts, tokens, shown, proc.tokenizer)
     cols = ["pos", "near-miss neg", "other neg", "weighted"]
     print(f"base recognition on {args.photos} fresh photos ({path}, {time.perf_counter() - t0:.1f} s)\n")
     print("| layout | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for layout, accs in rows.items():
         print(f"| {layout} | " + " | ".join(f"{accs[c]:.2f}" for c in cols) + " |")
+    print("\n| concept layout: near-misses rejected, by the attribute they change | shape | colour | pattern |"
+          "\n|---|---|---|---|\n| | " + " | ".join(f"{by_attribute[a]:.2f}" for a in by_attribute) + " |")
+    print("\n| \"What shape / colour / pattern is the object?\" answered right | shape | colour | pattern |"
+          "\n|---|---|---|---|\n| | " + " | ".join(f"{answers[a]:.2f}" for a in ("shape", "colour", "pattern")) + " |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "world_recognition.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "backbone": str(path), "photos": args.photos,
-                               "results": rows, "torch": torch.__version__}, indent=2) + "\n")
+                               "results": rows, "near_miss_rejected_by_changed_attribute": by_attribute,
+                               "attribute_answers": answers, "torch": torch.__version__}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 

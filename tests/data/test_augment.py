@@ -51,13 +51,15 @@ def test_crop_boxes_stay_inside_the_image_with_the_asked_area(w, h):
 
 
 def test_view_keys_round_trip_and_name_the_distribution():
-    spec = ViewSpec(views=8, scale=(0.6, 0.9), ratio=(0.8, 1.25), flip=False)
+    spec = ViewSpec(views=8, scale=(0.625, 0.9), ratio=(0.8, 1.25), flip=False)  # exact, not rounded
     assert view_key("/d/bo/images/train_000.png", spec, 0) == "/d/bo/images/train_000.png"
     path, back, view = split_view_key(view_key("/d/bo/images/train_000.png", spec, 5))
     assert (path, back.scale, back.ratio, back.flip, view) == ("/d/bo/images/train_000.png", spec.scale, spec.ratio,
                                                                 False, 5)
     assert split_view_key("/d/bo/images/x.png") == ("/d/bo/images/x.png", None, 0)
     assert view_key("x.png", spec, 1) != view_key("x.png", ViewSpec(views=8), 1)  # other views, other cache rows
+    tiny = ViewSpec(views=1, scale=(1e-5, 1.0))
+    assert split_view_key(view_key("x.png", tiny, 1))[1].scale == (1e-5, 1.0)
 
 
 @pytest.mark.parametrize("kw,match", [({"views": -1}, "views"), ({"scale": (0.0, 1.0)}, "scale"),

@@ -2,7 +2,7 @@
 
     from unipers.data.augment import ViewSpec, view_key, split_view_key, augment_view
     spec = ViewSpec(views=8)                       # data.augment in the config
-    key = view_key("data/bo/images/train_000.png", spec, 3)   # ".../train_000.png#rrc0.70-1.00-flip/3"
+    key = view_key("data/bo/images/train_000.png", spec, 3)   # ".../train_000.png#rrc0.7-1r0.9-1.1-flip/3"
     img = augment_view(pil_image, spec, seed_text)  # the same view for the same seed, every run
 
 Five photos show the concept at five positions and sizes; soft tokens fitted on them alone learn those
@@ -61,8 +61,13 @@ class ViewSpec:
     @property
     def tag(self) -> str:
         """Names the view distribution in cache keys."""
-        return (f"rrc{self.scale[0]:.2f}-{self.scale[1]:.2f}r{self.ratio[0]:.2f}-{self.ratio[1]:.2f}"
-                + ("-flip" if self.flip else ""))
+        lo, hi = (_num(x) for x in self.scale)
+        return f"rrc{lo}-{hi}r{_num(self.ratio[0])}-{_num(self.ratio[1])}" + ("-flip" if self.flip else "")
+
+
+def _num(x: float) -> str:
+    """A float in fixed notation, no exponent (its "-" would split the tag): 0.7 -> "0.7", 1.0 -> "1"."""
+    return f"{x:.6f}".rstrip("0").rstrip(".")
 
 
 def view_key(path: str, spec: ViewSpec, view: int) -> str:

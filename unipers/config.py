@@ -103,6 +103,11 @@ class AugmentConfig:
     flip: bool = True
     """Mirror half of the views left-right (turn off for text, logos, anything not mirror-symmetric)."""
 
+    def __post_init__(self) -> None:
+        from unipers.data.augment import ViewSpec
+
+        ViewSpec.from_config(self)  # raises ConfigError naming the key
+
 
 @dataclass
 class DataConfig:

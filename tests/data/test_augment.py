@@ -63,7 +63,10 @@ def test_view_keys_round_trip_and_name_the_distribution():
 
 
 @pytest.mark.parametrize("kw,match", [({"views": -1}, "views"), ({"scale": (0.0, 1.0)}, "scale"),
-                                      ({"scale": (0.9, 0.5)}, "scale"), ({"ratio": (0.0, 1.0)}, "ratio")])
+                                      ({"scale": (0.9, 0.5)}, "scale"), ({"ratio": (0.0, 1.0)}, "ratio"),
+                                      ({"scale": (0.5,)}, r"scale must be \[lo, hi\]")])
 def test_bad_specs_are_refused(kw, match):
-    with pytest.raises(ValueError, match=match):
+    from unipers.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
         ViewSpec(**kw)

@@ -41,13 +41,18 @@ class ViewSpec:
     flip: bool = True
 
     def __post_init__(self) -> None:
+        from unipers.config import ConfigError
+
+        for key in ("scale", "ratio"):
+            if len(getattr(self, key)) != 2:
+                raise ConfigError(f"data.augment.{key} must be [lo, hi], got {list(getattr(self, key))}")
         lo, hi = self.scale
         if self.views < 0:
-            raise ValueError(f"data.augment.views must be >= 0, got {self.views}")
+            raise ConfigError(f"data.augment.views must be >= 0, got {self.views}")
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"data.augment.scale must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}")
+            raise ConfigError(f"data.augment.scale must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}")
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"data.augment.ratio must satisfy 0 < lo <= hi, got {list(self.ratio)}")
+            raise ConfigError(f"data.augment.ratio must satisfy 0 < lo <= hi, got {list(self.ratio)}")
 
     @classmethod
     def from_config(cls, cfg) -> ViewSpec:

@@ -30,35 +30,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @torch.no_grad()
-def attribute_answers(model, prompts, tokens, shown, tokenizer) -> dict:
-    """Share of photos whose asked attribute the base names right, per attribute."""
+def answer_logits(model, prompts, questions, tokens) -> torch.Tensor:
+    """(N, V) logits of the first answer token of each (question, image tokens), plain layout."""
     from unipers.models.unified import pad_batch
+
+    seqs = [prompts.encode_question(q, images=[t], mode="plain") for q, t in zip(questions, tokens)]
+    ids, mask = pad_batch(seqs, prompts.tokenizer.pad_token_id)
+    return model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(seqs)), mask.sum(1) - 1]
+
+
+def score(model, prompts, questions, tokens, yes_id: int, no_id: int) -> torch.Tensor:
+    """True where the model's answer to each (question, image tokens) is Yes."""
+    last = answer_logits(model, prompts, questions, tokens)
+    return last[:, yes_id] > last[:, no_id]
+
+
+def attribute_answers(model, prompts, tokens, shown) -> dict:
+    """Share of photos whose asked attribute the base names right, per attribute."""
     from unipers.world.base import ATTRIBUTE_QUESTIONS
     from unipers.world.synth import ATTRIBUTES
 
     out = {}
     for key, question in ATTRIBUTE_QUESTIONS.items():
         values = ATTRIBUTES[key]
-        first = [tokenizer(v.capitalize(), add_special_tokens=False).input_ids[0] for v in values]
-        seqs = [prompts.encode_question("<image>\n" + question.format(c="the object"), images=[t], mode="plain")
-                for t in tokens]
-        ids, mask = pad_batch(seqs, tokenizer.pad_token_id)
-        last = model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(seqs)), mask.sum(1) - 1]
+        first = [prompts.tokenizer(v.capitalize(), add_special_tokens=False).input_ids[0] for v in values]
+        asked = ["<image>\n" + question.format(c="the object")] * len(tokens)
+        last = answer_logits(model, prompts, asked, tokens)
         truth = torch.tensor([values.index(o.attributes()[key]) for o in shown])
         out[key] = (last[:, first].argmax(1) == truth).float().mean().item()
     return out
-
-
-@torch.no_grad()
-def score(model, prompts, questions, tokens, yes_id: int, no_id: int) -> torch.Tensor:
-    """True where the model's answer to each (question, image tokens) is Yes."""
-    from unipers.models.unified import pad_batch
-
-    seqs = [prompts.encode_question(q, images=[t], mode="plain") for q, t in zip(questions, tokens)]
-    ids, mask = pad_batch(seqs, prompts.tokenizer.pad_token_id)
-    logits = model(input_ids=ids, attention_mask=mask).logits
-    last = logits[torch.arange(len(seqs)), mask.sum(1) - 1]
-    return last[:, yes_id] > last[:, no_id]
 
 
 def main(argv=None) -> int:
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
                    for o in shown]
         said_yes = score(model, prompts, [concept(o) for o in changed], tokens, yes_id, no_id)
         by_attribute[attr] = (~said_yes).float().mean().item()
-    answers = attribute_answers(model, prompts, tokens, shown, proc.tokenizer)
+    answers = attribute_answers(model, prompts, tokens, shown)
     cols = ["pos", "near-miss neg", "other neg", "weighted"]
     print(f"base recognition on {args.photos} fresh photos ({path}, {time.perf_counter() - t0:.1f} s)\n")
     print("| layout | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))

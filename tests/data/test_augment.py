@@ -48,6 +48,11 @@ def test_crop_boxes_stay_inside_the_image_with_the_asked_area(w, h):
     for _ in range(200):
         top, left, ch, cw = crop_box(w, h, spec, rng)
         assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0 and cw > 0
+        if h > 2 * w:  # no crop of that area and aspect fits a 33 x 700 strip: the central square
+            assert (top, left, ch, cw) == ((h - w) // 2, 0, w, w)
+        else:  # area share within the asked range, up to rounding the sides to pixels
+            assert 0.5 * 0.94 <= ch * cw / (w * h) <= 0.8 * 1.06
+            assert 0.9 * 0.9 <= cw / ch <= 1.1 / 0.9
 
 
 def test_view_keys_round_trip_and_name_the_distribution():

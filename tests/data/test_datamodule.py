@@ -176,7 +176,7 @@ def test_augmented_views_add_cached_crops_of_training_images_only(prepared, mode
     assert all(again.collator.image_tokens[r.image_key].equal(tokens[r.image_key]) for r in views)
 
 
-def test_augment_config_reaches_the_datamodule_and_is_checked():
+def test_augment_config_is_read_and_checked_at_load():
     from unipers.config import ConfigError
     from unipers.data.augment import ViewSpec
 

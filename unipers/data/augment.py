@@ -56,9 +56,7 @@ class ViewSpec:
 
     @classmethod
     def from_config(cls, cfg) -> ViewSpec:
-        """From ``data.augment`` (an AugmentConfig, a mapping, or None = no views)."""
-        if cfg is None:
-            return cls()
+        """From ``data.augment`` (the loaded DictConfig, or an AugmentConfig while it is checked)."""
         get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
         return cls(views=int(get("views", 0)), scale=tuple(float(x) for x in get("scale", (0.7, 1.0))),
                    ratio=tuple(float(x) for x in get("ratio", (0.9, 1.1))), flip=bool(get("flip", True)))

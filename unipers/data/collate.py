@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from unipers.concepts.prompts import IGNORE_INDEX, IMAGE_MARKER, Encoded, PromptBuilder
-from unipers.data.augment import ViewSpec, view_key
+from unipers.data.augment import ViewSpec, augment_view, split_view_key, view_key
 from unipers.data.manifest import Sample
 from unipers.models.unified import pad_batch
 
@@ -115,8 +115,6 @@ class Collator:
 def _load_rgb(path: str):
     """An image by feature key: a plain path, or a view key (an augmented view of that path)."""
     from PIL import Image
-
-    from unipers.data.augment import augment_view, split_view_key
 
     file, spec, view = split_view_key(path)
     with Image.open(file) as im:

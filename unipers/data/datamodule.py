@@ -85,7 +85,6 @@ class ConceptDataModule(L.LightningDataModule):
         self.samples_per_epoch = samples_per_epoch
         self.steps, self.accumulate = steps, accumulate
         self.stages, self.formats = stages, list(formats)
-        self.augment = augment
         self.train_records, self.concepts = load_records(self.folders, "train")
         if augment.views:
             self.train_records = with_views(self.train_records, augment)

@@ -11,8 +11,7 @@ zib described two ways, and scores Yes/No from the answer-token logits (as ``uni
 
 Negatives are near-misses (two of three attributes shared) and others. Then two diagnostics of the
 concept layout: near-misses rejected by which attribute they change, and the base's answers to "What
-shape / colour / pattern is the object?" about the photos (arg-max over that attribute's values at the
-answer's first token). Prints markdown tables and writes JSON under benchmarks/results/.
+shape / colour / pattern is the object?" about the photos (the value whose whole answer is likeliest). Prints markdown tables and writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -45,19 +44,35 @@ def score(model, prompts, questions, tokens, yes_id: int, no_id: int) -> torch.T
     return last[:, yes_id] > last[:, no_id]
 
 
+@torch.no_grad()
+def answer_logprob(model, prompts, questions, answers, tokens) -> torch.Tensor:
+    """(N,) summed log-probability of each whole answer after its (question, image tokens), plain layout."""
+    from unipers.models.unified import pad_batch
+
+    encs = [prompts.encode_qa(q, a, images=[t], mode="plain") for q, a, t in zip(questions, answers, tokens)]
+    ids, mask = pad_batch([e.ids for e in encs], prompts.tokenizer.pad_token_id)
+    labels, _ = pad_batch([e.labels for e in encs], prompts.tokenizer.pad_token_id, labels=True)
+    logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+    targets = labels[:, 1:]
+    picked = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    return (picked * (targets != -100)).sum(1)
+
+
 def attribute_answers(model, prompts, tokens, shown) -> dict:
-    """Share of photos whose asked attribute the base names right, per attribute."""
+    """Share of photos whose asked attribute the base names right, per attribute: the value whose whole
+    answer ("Circle.") is likeliest. Not the first token alone: with the world's BPE "Circle" and "Cross"
+    may share their first piece."""
     from unipers.world.base import ATTRIBUTE_QUESTIONS
     from unipers.world.synth import ATTRIBUTES
 
     out = {}
     for key, question in ATTRIBUTE_QUESTIONS.items():
         values = ATTRIBUTES[key]
-        first = [prompts.tokenizer(v.capitalize(), add_special_tokens=False).input_ids[0] for v in values]
         asked = ["<image>\n" + question.format(c="the object")] * len(tokens)
-        last = answer_logits(model, prompts, asked, tokens)
+        scores = torch.stack([answer_logprob(model, prompts, asked, [v.capitalize() + "."] * len(tokens), tokens)
+                              for v in values], 1)
         truth = torch.tensor([values.index(o.attributes()[key]) for o in shown])
-        out[key] = (last[:, first].argmax(1) == truth).float().mean().item()
+        out[key] = (scores.argmax(1) == truth).float().mean().item()
     return out
 
 

@@ -1,0 +1,42 @@
+"""benchmarks/bench_world_recognition.py's scoring helpers, on the embedded tiny model."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+
+def _prompts(backbone_dir):
+    from transformers import AutoProcessor, ChameleonForConditionalGeneration
+
+    from unipers.concepts.bank import ConceptBank
+    from unipers.concepts.prompts import PromptBuilder
+
+    model = ChameleonForConditionalGeneration.from_pretrained(backbone_dir).eval()
+    proc = AutoProcessor.from_pretrained(backbone_dir)
+    prompts = PromptBuilder(proc.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
+                            boi_id=proc.image_start_token_id, eoi_id=proc.image_end_token_id)
+    return model, prompts
+
+
+def test_answer_logprob_is_the_whole_answer_scored_one_sequence_at_a_time(backbone_dir):
+    from bench_world_recognition import answer_logprob
+
+    model, prompts = _prompts(backbone_dir)
+    image = torch.tensor(model.model.vocabulary_mapping.image_tokens[:4])
+    questions = ["<image>\nWhat shape is the object?", "<image>\nWhat colour is it?"]
+    answers = ["Circle.", "A red striped square, in the corner."]  # different lengths: left padding differs
+    got = answer_logprob(model, prompts, questions, answers, [image, image])
+    for q, a, g in zip(questions, answers, got):
+        enc = prompts.encode_qa(q, a, images=[image], mode="plain")
+        ids, labels = torch.tensor([enc.ids]), torch.tensor(enc.labels)
+        with torch.no_grad():
+            logp = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        scored = [logp[i - 1, labels[i]] for i in range(1, len(labels)) if labels[i] != -100]
+        assert len(scored) >= len(prompts.tokenizer(a, add_special_tokens=False).input_ids)
+        assert torch.allclose(g, torch.stack(scored).sum(), atol=1e-4)
+    # a whole answer, not its first token: "Circle." and "Cross." differ after a shared first piece
+    other = answer_logprob(model, prompts, questions[:1], ["Cross."], [image])
+    assert not torch.allclose(other, got[:1])

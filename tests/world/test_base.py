@@ -69,9 +69,31 @@ def test_pretraining_texts_answer_truthfully():
             described = rest.split(". <image>", 1)[0]
             assert a.startswith("Yes" if described == with_article(obj.describe()) else "No")
             seen.add("recognition yes" if a.startswith("Yes") else "recognition no")
+        elif ", living in the " in q:  # a fact read off the prefix, in a concept fact's words
+            name, rest = q.split(" is ", 1)
+            home, likes = rest.split(", living in the ", 1)[1].split(". ", 1)[0].split(" and liking the ")
+            assert a == (f"{name} lives in the {home}." if "Where does" in q else f"{name} likes the {likes}.")
+            seen.add("fact")
         elif q.startswith("<image>\nIs the object"):
             word = q.rstrip("?").split()[-1]
             assert a == ("Yes." if word in obj.attributes().values() else "No.")
             seen.add("yes/no")
     seen.discard(None)
-    assert seen == {"colour", "recognition yes", "recognition no", "yes/no", "decision only", "whole answer"}
+    assert seen == {"colour", "recognition yes", "recognition no", "yes/no", "decision only", "whole answer", "fact"}
+
+
+def test_world_vocabulary_gives_each_answer_its_own_first_token():
+    """The answer's first token is weighted as its decision: "Circle." and "Cross." must not both start
+    with "C", and a fact's place words must be single tokens as the base reads and writes them."""
+    from unipers.models.tiny import _tiny_tokenizer
+    from unipers.world.base import PLACES
+    from unipers.world.build import BACKBONE, world_corpus
+    from unipers.world.synth import ATTRIBUTES
+
+    tok = _tiny_tokenizer(BACKBONE["num_image_tokens"], BACKBONE["vocab_size"], world_corpus())
+    for values in ATTRIBUTES.values():
+        first = [tok(v.capitalize() + ".", add_special_tokens=False).input_ids[0] for v in values]
+        assert [tok.decode([f]) for f in first] == [v.capitalize() for v in values]
+        assert all(len(tok(" " + v, add_special_tokens=False).input_ids) == 1 for v in values)
+    assert all(len(tok(" " + p, add_special_tokens=False).input_ids) == 1 for p in PLACES)
+    assert tok.decode(tok("Yes.", add_special_tokens=False).input_ids[:1]) == "Yes"

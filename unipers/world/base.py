@@ -34,6 +34,9 @@ ATTRIBUTE_QUESTIONS = {
     "pattern": "What pattern does {c} have?",
     "shape": "What shape is {c}?",
 }
+# Where a prefix-bound name lives and what it likes: the words a concept's facts are answered in.
+PLACES = ("kitchen", "garden", "park", "beach", "library", "forest", "street", "room")
+FACT_QUESTIONS = {"Where does {c} live?": "{c} lives in the {v}.", "What does {c} like?": "{c} likes the {v}."}
 Progress = Callable[[int, dict], None]
 
 
@@ -254,9 +257,15 @@ def world_example(obj: WorldObject, rng: random.Random, held_out: Sequence[World
         k = rng.choice(list(YES_NO_ATTRIBUTE))
         v = obj.attributes()[k] if rng.random() < 0.5 else rng.choice(ATTRIBUTES[k])
         return "<image>\n" + YES_NO_ATTRIBUTE[k].format(v=v), "Yes." if v == obj.attributes()[k] else "No.", False
-    # text only: a fact read off a prefix sentence (how a concept's facts are asked)
+    # text only: a fact read off a prefix sentence, as a concept's facts are asked ("<bo> is <slots>. Where
+    # does <bo> live?"): an attribute, or where it lives / what it likes, answered in a concept fact's words
     name = rng.choice(NONCE_NAMES)
-    return f"{name} is {with_article(obj.describe())}. " + ATTRIBUTE_QUESTIONS[key].format(c=name), value, False
+    if rng.random() < 0.5:
+        return f"{name} is {with_article(obj.describe())}. " + ATTRIBUTE_QUESTIONS[key].format(c=name), value, False
+    home, likes = rng.choice(PLACES), rng.choice(PLACES)
+    question, answer = rng.choice(list(FACT_QUESTIONS.items()))
+    prefix = f"{name} is {with_article(obj.describe())}, living in the {home} and liking the {likes}. "
+    return prefix + question.format(c=name), answer.format(c=name, v=home if "live" in question else likes), False
 
 
 def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float) -> Tensor:

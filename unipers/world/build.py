@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_ROOT = REPO / "checkpoints" / "world"
-WORLD_VERSION = "world-v3"
+WORLD_VERSION = "world-v4"
 SEED = 0
 N_TRAIN = 4000  # photos the base models learn from
 N_CLASSIFIER_HELD = 600
@@ -92,13 +92,17 @@ def _bar(total: int, desc: str, quiet: bool):
 
 
 def world_corpus() -> str:
-    from unipers.world.base import NONCE_NAMES, object_names
+    from unipers.world.base import NONCE_NAMES, PLACES, object_names
     from unipers.world.synth import ATTRIBUTES
 
-    words = [w for values in ATTRIBUTES.values() for w in values] + list(NONCE_NAMES)
+    words = [w for values in ATTRIBUTES.values() for w in values] + list(NONCE_NAMES) + list(PLACES) * 3
     # Each object's name thrice, so the BPE learns every name as one token, as a concept's identifier is.
     words += [n for o, n in object_names().items() if o != demo_object()] * 3
-    return " " + " ".join(words) + " object What colour pattern shape does have It is a an"
+    # Answers start with the capitalized value ("Circle."), at the start of a line: thrice each, so that
+    # answer's first token is the value itself. Otherwise "Circle" and "Cross" both begin with the piece
+    # "C", and the first answer token, the one weighted as the decision, decides nothing.
+    answers = [w.capitalize() for values in ATTRIBUTES.values() for w in values] * 3
+    return " " + " ".join(words) + " object What colour pattern shape does have It is a an\n" + "\n".join(answers) + "\n"
 
 
 def training_photos(seed: int = SEED):

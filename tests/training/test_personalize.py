@@ -158,6 +158,28 @@ def test_run_killed_by_sigterm_resumes_to_identical_rows(prepared_concepts, tmp_
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0", "version_1"]  # both attempts' logs
 
 
+class _SigtermInFirstValidation(L.Callback):
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0 and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_validation_still_leaves_a_resumable_checkpoint(prepared_concepts, tmp_path, tiny_dirs):
+    """A SIGTERM inside validation: Lightning raises there, before another training step ends, so the
+    per-step check never runs; ``CheckpointOnSignal.on_exception`` saves, and the run resumes to the same rows."""
+    extra = ["trainer.max_steps=12", "trainer.weight_decay=0.01", "trainer.val_every=5", "trainer.limit_val_batches=3"]
+    train(cfg_for("personalize.yaml", tmp_path / "full", prepared_concepts, *extra))
+    run = tmp_path / "killed"
+    with pytest.raises(SystemExit):
+        train(cfg_for("personalize.yaml", run, prepared_concepts, *extra), [_SigtermInFirstValidation()])
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 5 and not (run / "concepts" / "last.safetensors").exists()
+    train(cfg_for("personalize.yaml", run, prepared_concepts, *extra, "ckpt_path=last"))
+    a, b = rows(tmp_path / "full"), rows(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_two_process_ddp_matches_one_process(prepared_concepts, tmp_path, tiny_dirs):
     concepts = f"data.concepts=[{','.join(map(str, prepared_concepts))}]"
     common = [concepts, *FAST, "trainer.max_steps=6", "trainer.accelerator=cpu"]

@@ -111,14 +111,33 @@ class CheckpointOnSignal(_OnSignal):
 
     Lightning itself finishes the batch and exits without saving anything (DESIGN.md); it raises only after
     ``on_train_batch_end``, so the checkpoint written here is the same kind ModelCheckpoint writes.
+
+    A SIGTERM that lands after this check in a step (while ModelCheckpoint writes, say) is caught at the
+    next step, unless Lightning stops first: at the end of an epoch, or inside validation, it raises
+    SIGTERMException before another step ends. ``on_exception`` writes ``last.ckpt`` then, from that
+    consistent point (Lightning resumes mid-validation by skipping the rest of it). One process only:
+    with several ranks that exception is not raised on all of them at the same point, and a collective
+    save would hang.
     """
+
+    def __init__(self, folder: str | Path):
+        super().__init__(folder)
+        self.saved = False
 
     def signalled(self, trainer) -> bool:
         return trainer.received_sigterm
 
     def act(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(self.folder / "last.ckpt")
+        self.saved = True
         trainer.should_stop = True
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and not self.saved and trainer.world_size == 1:
+            trainer.save_checkpoint(self.folder / "last.ckpt")
+            self.saved = True
 
 
 def in_slurm_step() -> bool:

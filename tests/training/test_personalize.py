@@ -147,6 +147,8 @@ def test_run_killed_by_sigterm_resumes_to_identical_rows(prepared_concepts, tmp_
         time.sleep(0.05)
     killed.send_signal(signal.SIGTERM)
     killed.wait(timeout=120)
+    # failed once in CI (no last.ckpt, cause not found): keep the run's output if it ever recurs
+    assert (run / "checkpoints" / "last.ckpt").is_file(), killed.stdout.read()
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert 3 <= saved["global_step"] < 40  # it really stopped mid-run, and saved where it stopped
     assert not (run / "concepts" / "last.safetensors").exists()

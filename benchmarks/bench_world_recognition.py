@@ -11,7 +11,8 @@ zib described two ways, and scores Yes/No from the answer-token logits (as ``uni
 
 Negatives are near-misses (two of three attributes shared) and others. Then two diagnostics of the
 concept layout: near-misses rejected by which attribute they change, and the base's answers to "What
-shape / colour / pattern is the object?" about the photos (the value whose whole answer is likeliest). Prints markdown tables and writes JSON under benchmarks/results/.
+shape / colour / pattern is the object?" about the photos (the value whose whole answer is likeliest).
+Prints markdown tables and writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_base(path):
+    """(model in eval mode, processor, plain-mode PromptBuilder) of a built world's backbone folder."""
+    from transformers import AutoProcessor, ChameleonForConditionalGeneration
+
+    from unipers.concepts.bank import ConceptBank
+    from unipers.concepts.prompts import PromptBuilder
+
+    model = ChameleonForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
+    proc = AutoProcessor.from_pretrained(path, local_files_only=True)
+    prompts = PromptBuilder(proc.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
+                            boi_id=proc.image_start_token_id, eoi_id=proc.image_end_token_id)
+    return model, proc, prompts
 
 
 @torch.no_grad()
@@ -77,10 +92,6 @@ def attribute_answers(model, prompts, tokens, shown) -> dict:
 
 
 def main(argv=None) -> int:
-    from transformers import AutoProcessor, ChameleonForConditionalGeneration
-
-    from unipers.concepts.bank import ConceptBank
-    from unipers.concepts.prompts import PromptBuilder
     from unipers.world import base
     from unipers.world.build import demo_object, world_root
     from unipers.world.synth import all_objects, near_misses, render_many, with_article
@@ -91,10 +102,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     path = world_root(args.root) / "backbone"
-    model = ChameleonForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
-    proc = AutoProcessor.from_pretrained(path, local_files_only=True)
-    prompts = PromptBuilder(proc.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
-                            boi_id=proc.image_start_token_id, eoi_id=proc.image_end_token_id)
+    model, proc, prompts = load_base(path)
     yes_id = proc.tokenizer("Yes", add_special_tokens=False).input_ids[0]
     no_id = proc.tokenizer("No", add_special_tokens=False).input_ids[0]
 

@@ -161,8 +161,10 @@ def test_run_killed_by_sigterm_resumes_to_identical_rows(prepared_concepts, tmp_
 
 
 class _SigtermInFirstValidation(L.Callback):
+    sent = False
+
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        if batch_idx == 0 and not getattr(self, "sent", False):
+        if batch_idx == 0 and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 

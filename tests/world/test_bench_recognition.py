@@ -8,23 +8,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 
-def _prompts(backbone_dir):
-    from transformers import AutoProcessor, ChameleonForConditionalGeneration
-
-    from unipers.concepts.bank import ConceptBank
-    from unipers.concepts.prompts import PromptBuilder
-
-    model = ChameleonForConditionalGeneration.from_pretrained(backbone_dir).eval()
-    proc = AutoProcessor.from_pretrained(backbone_dir)
-    prompts = PromptBuilder(proc.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
-                            boi_id=proc.image_start_token_id, eoi_id=proc.image_end_token_id)
-    return model, prompts
-
-
 def test_answer_logprob_is_the_whole_answer_scored_one_sequence_at_a_time(backbone_dir):
-    from bench_world_recognition import answer_logprob
+    from bench_world_recognition import answer_logprob, load_base
 
-    model, prompts = _prompts(backbone_dir)
+    model, _, prompts = load_base(backbone_dir)
     image = torch.tensor(model.model.vocabulary_mapping.image_tokens[:4])
     questions = ["<image>\nWhat shape is the object?", "<image>\nWhat colour is it?"]
     answers = ["Circle.", "A red striped square, in the corner."]  # different lengths: left padding differs

@@ -23,6 +23,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,8 +70,10 @@ class ViewSpec:
 
 
 def _num(x: float) -> str:
-    """A float in fixed notation, no exponent (its "-" would split the tag): 0.7 -> "0.7", 1.0 -> "1"."""
-    return f"{x:.6f}".rstrip("0").rstrip(".")
+    """A float exactly (its shortest round-trip digits) in fixed notation, no exponent (its "-" would split
+    the tag): 0.7 -> "0.7", 1.0 -> "1", 1e-7 -> "0.0000001"."""
+    s = format(Decimal(repr(float(x))), "f")
+    return s.rstrip("0").rstrip(".") if "." in s else s
 
 
 def view_key(path: str, spec: ViewSpec, view: int) -> str:

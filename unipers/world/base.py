@@ -36,7 +36,8 @@ ATTRIBUTE_QUESTIONS = {
 }
 # Where a prefix-bound name lives and what it likes: the words a concept's facts are answered in.
 PLACES = ("kitchen", "garden", "park", "beach", "library", "forest", "street", "room")
-FACT_QUESTIONS = {"Where does {c} live?": "{c} lives in the {v}.", "What does {c} like?": "{c} likes the {v}."}
+FACT_QUESTIONS = {"home": ("Where does {c} live?", "{c} lives in the {v}."),
+                  "likes": ("What does {c} like?", "{c} likes the {v}.")}
 Progress = Callable[[int, dict], None]
 
 
@@ -262,10 +263,11 @@ def world_example(obj: WorldObject, rng: random.Random, held_out: Sequence[World
     name = rng.choice(NONCE_NAMES)
     if rng.random() < 0.5:
         return f"{name} is {with_article(obj.describe())}. " + ATTRIBUTE_QUESTIONS[key].format(c=name), value, False
-    home, likes = rng.choice(PLACES), rng.choice(PLACES)
-    question, answer = rng.choice(list(FACT_QUESTIONS.items()))
-    prefix = f"{name} is {with_article(obj.describe())}, living in the {home} and liking the {likes}. "
-    return prefix + question.format(c=name), answer.format(c=name, v=home if "live" in question else likes), False
+    places = {"home": rng.choice(PLACES), "likes": rng.choice(PLACES)}
+    asked = rng.choice(list(FACT_QUESTIONS))
+    question, answer = FACT_QUESTIONS[asked]
+    prefix = f"{name} is {with_article(obj.describe())}, living in the {places['home']} and liking the {places['likes']}. "
+    return prefix + question.format(c=name), answer.format(c=name, v=places[asked]), False
 
 
 def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float) -> Tensor:

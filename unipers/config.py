@@ -32,10 +32,21 @@ class BackboneConfig:
     """transformers attention backend: sdpa, eager or flash_attention_2."""
     gradient_checkpointing: bool = False
     """Recompute the frozen backbone's activations in the backward pass (saves memory on 7B+)."""
+    describe_first: Optional[str] = None
+    """Recognition in two turns ("describe, then decide"): the base first answers this question about the
+    image with no concept in context ("What is in this photo?", greedy), then is asked about the concept, so
+    the concept is compared with the base's own words for the image. null: ask about the image directly.
+    Training, validation, `unipers recognize` and `unipers eval` all use the same layout."""
+    describe_tokens: int = 16
+    """Longest description generated for describe_first."""
 
     def __post_init__(self) -> None:
         _check_choice("backbone.dtype", self.dtype, DTYPES)
         _check_choice("backbone.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+        if self.describe_first is not None and not self.describe_first.strip():
+            raise ConfigError("backbone.describe_first: an empty question; use null to ask directly")
+        if self.describe_tokens < 1:
+            raise ConfigError(f"backbone.describe_tokens must be >= 1, got {self.describe_tokens}")
 
 
 @dataclass

@@ -41,17 +41,21 @@ class Encoded:
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, bank: ConceptBank, *, boi_id: int, eoi_id: int, max_length: Optional[int] = None):
+    def __init__(self, tokenizer, bank: ConceptBank, *, boi_id: int, eoi_id: int, max_length: Optional[int] = None,
+                 describe_question: Optional[str] = None, describe_tokens: int = 16):
+        """``describe_question``: recognition in two turns, "describe, then decide" (see
+        `encode_described_qa`); None asks about the image directly."""
         self.tokenizer = tokenizer
         self.bank = bank
         self.boi_id, self.eoi_id = boi_id, eoi_id
         self.max_length = max_length
+        self.describe_question, self.describe_tokens = describe_question, describe_tokens
         self.vocab = tokenizer.get_vocab()
 
     @classmethod
-    def for_backbone(cls, backbone) -> "PromptBuilder":
+    def for_backbone(cls, backbone, **layout) -> "PromptBuilder":
         return cls(backbone.tokenizer, backbone.bank, boi_id=backbone.boi_id, eoi_id=backbone.eoi_id,
-                   max_length=backbone.model.config.max_position_embeddings)
+                   max_length=backbone.model.config.max_position_embeddings, **layout)
 
     def mentioned(self, text: str) -> list[str]:
         """Loaded concepts named in `text`, in order of first mention. Unknown markers raise."""
@@ -110,6 +114,42 @@ class PromptBuilder:
     def encode_question(self, question: str, *, images: Sequence[Tensor] = (), mode: str = "und") -> list[int]:
         """The prompt side of `encode_qa`, for inference: the model continues after the separator."""
         return self.encode(question, mode=mode, images=images) + [self.tokenizer.sep_token_id]
+
+    # ---- describe, then decide ----------------------------------------------------------------------------
+    # Recognition in two turns. Turn one asks the base about the image with no concept in context, and its
+    # own greedy answer (the "description", `UnifiedModel.describe`) is kept; turn two asks about the
+    # concept, whose prefix then stands beside the base's words for the image:
+    #     <s> <image>\nWhat is in this photo? <sep> A purple striped star. </s> <bo> is <slots>. Is <bo> ...? <sep>
+    # The description does not depend on any concept, so it is computed once per image and base.
+    def describe_prompt(self, image: Tensor) -> list[int]:
+        """Turn one up to its separator: the ids the base continues with its description."""
+        if not self.describe_question:
+            raise PromptError("no describe question is set (backbone.describe_first)")
+        return self.encode_question(f"{IMAGE_MARKER}\n{self.describe_question}", images=[image], mode="plain")
+
+    def encode_described_qa(self, question: str, answer: str, *, image: Tensor, description: Sequence[int],
+                            mode: str = "und", self_prompt: bool = False) -> Encoded:
+        """`encode_qa` of a question about the image in ``image``, asked as turn two after the base's
+        ``description`` of it (ids, no end-of-turn); labels only on turn two's answer."""
+        first = self.description_turn(image, description, question)
+        enc = self.encode_qa(question, answer, mode=mode, self_prompt=self_prompt)
+        ids = first + enc.ids[1:]
+        self._check_length(ids, question)
+        return Encoded(ids, [IGNORE_INDEX] * len(first) + enc.labels[1:])
+
+    def encode_described_question(self, question: str, *, image: Tensor, description: Sequence[int],
+                                  mode: str = "und") -> list[int]:
+        """The prompt side of `encode_described_qa`, for inference."""
+        ids = self.description_turn(image, description, question) + self.encode_question(question, mode=mode)[1:]
+        self._check_length(ids, question)
+        return ids
+
+    def description_turn(self, image: Tensor, description: Sequence[int], question: str = "") -> list[int]:
+        """Turn one whole, the description as its answer; turn two (``question``) follows without BOS and
+        must not hold the image again."""
+        if IMAGE_MARKER in question:
+            raise PromptError(f"a described question takes its image in turn one, not as {IMAGE_MARKER}: {question!r}")
+        return self.describe_prompt(image) + list(description) + [self.tokenizer.eos_token_id]
 
     # ---- pieces -----------------------------------------------------------------------------------------
     def _text(self, text: str) -> list[int]:

@@ -71,10 +71,14 @@ class Collator:
     """Records (or (record, stage) pairs from a staged MixtureSampler) -> a batch dict."""
 
     def __init__(self, prompts: PromptBuilder, pad_id: int, image_tokens: Mapping[str, Tensor],
-                 latents: Mapping[str, Tensor], stages: Sequence[StageFormat] = (StageFormat(),)):
+                 latents: Mapping[str, Tensor], stages: Sequence[StageFormat] = (StageFormat(),),
+                 descriptions: Mapping[str, Sequence[int]] | None = None):
+        """``descriptions`` (image key -> the base's description ids): recognition samples are then asked
+        in two turns, describe then decide (`PromptBuilder.encode_described_qa`)."""
         self.prompts, self.pad_id = prompts, pad_id
         self.image_tokens, self.latents = image_tokens, latents
         self.stages = list(stages)
+        self.descriptions = descriptions
 
     def __call__(self, items: Sequence) -> dict:
         pairs = [it if isinstance(it, tuple) else (it, 0) for it in items]
@@ -84,10 +88,7 @@ class Collator:
         gen = [r for r in records if r.sample.task == "generation"]
         batch: dict = {"concepts": [r.sample.concept for r in records], "stage": pairs[0][1]}
         if und:
-            enc = [self.prompts.encode_qa(question_text(r.sample), r.sample.answer,
-                                          images=[self.image_tokens[r.image_key]] if r.image_key else (),
-                                          self_prompt=fmt.self_prompting)
-                   for r in und]
+            enc = [self._encode_und(r, fmt) for r in und]
             batch["und"] = self._pad(enc) | {"task": [r.sample.task for r in und],
                                              "label": [r.sample.label for r in und], "uid": [r.uid for r in und]}
         if gen:
@@ -104,6 +105,16 @@ class Collator:
                     enc.append(Encoded(prompt + tokens, [IGNORE_INDEX] * len(prompt) + tokens))
                 batch["img"] = self._pad(enc)
         return batch
+
+    def _encode_und(self, r: Record, fmt: StageFormat) -> Encoded:
+        s = r.sample
+        if self.descriptions is not None and s.task == "recognition" and r.image_key:
+            return self.prompts.encode_described_qa(s.question, s.answer, image=self.image_tokens[r.image_key],
+                                                    description=self.descriptions[r.image_key],
+                                                    self_prompt=fmt.self_prompting)
+        return self.prompts.encode_qa(question_text(s), s.answer,
+                                      images=[self.image_tokens[r.image_key]] if r.image_key else (),
+                                      self_prompt=fmt.self_prompting)
 
     def _pad(self, enc: Sequence[Encoded]) -> dict:
         ids, mask = pad_batch([e.ids for e in enc], self.pad_id)
@@ -174,6 +185,23 @@ def image_token_cache(model, keys: Sequence[str]) -> dict[str, Tensor]:
         return bb.encode_images(pixels)
 
     return cached_features(keys, "image_tokens", bb.base_fingerprint, compute)
+
+
+def description_cache(model, tokens: Mapping[str, Tensor], keys: Sequence[str]) -> dict[str, list[int]]:
+    """The base's description ids of every image (`UnifiedModel.describe`), stored like the image tokens
+    (padded with -1), keyed by the base and the describe question."""
+    import hashlib
+
+    p = model.prompts
+    width = p.describe_tokens
+
+    def compute(paths):
+        rows = model.describe([tokens[k] for k in paths])
+        return torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    layout = hashlib.sha256(f"{p.describe_question}\n{width}".encode()).hexdigest()[:12]
+    stored = cached_features(keys, f"descriptions-{layout}", model.backbone.base_fingerprint, compute)
+    return {k: [t for t in v.tolist() if t >= 0] for k, v in stored.items()}
 
 
 def latent_cache(model, keys: Sequence[str]) -> dict[str, Tensor]:

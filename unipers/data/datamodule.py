@@ -20,7 +20,8 @@ from torch.utils.data import Dataset
 
 from unipers.config import DataConfig
 from unipers.data.augment import ViewSpec
-from unipers.data.collate import UNDERSTANDING_TASKS, Collator, Record, StageFormat, image_token_cache, latent_cache
+from unipers.data.collate import (UNDERSTANDING_TASKS, Collator, Record, StageFormat, description_cache,
+                                  image_token_cache, latent_cache)
 from unipers.data.manifest import read_prepared
 from unipers.data.sampler import MixtureSampler
 
@@ -107,8 +108,12 @@ class ConceptDataModule(L.LightningDataModule):
             r.sample.task != "generation" or any(f.image_tokens for f in self.formats))]
         tokens = image_token_cache(model, token_keys) if token_keys else {}
         latents = latent_cache(model, gen_keys) if gen_keys else {}
+        descriptions = None
+        if model.prompts.describe_question:  # recognition asked in two turns: the base's words for each image
+            keys = [r.image_key for r in records if r.sample.task == "recognition" and r.image_key]
+            descriptions = description_cache(model, tokens, keys) if keys else {}
         self.collator = Collator(model.prompts, model.backbone.tokenizer.pad_token_id, tokens, latents,
-                                 stages=self.formats)
+                                 stages=self.formats, descriptions=descriptions)
 
     def _sampler(self) -> MixtureSampler:
         trainer = getattr(self, "trainer", None)

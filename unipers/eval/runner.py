@@ -52,6 +52,7 @@ class Evaluator:
         self.session, self.s, self.clip, self.dino, self.grids = session, settings, clip, dino, grids
         self.templates = check_templates(settings.prompts) if settings.prompts else list(GENERATION_TEMPLATES)
         self._tokens: dict[str, Tensor] = {}
+        self._descriptions: dict[str, list[int]] = {}
         self._refs: dict[tuple[str, Path], dict[str, Tensor]] = {}
         tok = session.backbone.tokenizer
         self.yes_id, self.no_id = (tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
@@ -65,6 +66,15 @@ class Evaluator:
             encoded = self.session.image_tokens([p for _, p in chunk])
             self._tokens.update((k, t.cpu()) for (k, _), t in zip(chunk, encoded))
         return [self._tokens[k] for k in keys]
+
+    def descriptions(self, paths: Sequence[Path]) -> list[list[int]]:
+        """The base's description of each image (describe, then decide), once per content: it does not
+        depend on the concept or the method."""
+        keys = [content_key(p) for p in paths]
+        missing = list({k: t for k, t in zip(keys, self.tokens(paths)) if k not in self._descriptions}.items())
+        described = self.session.model.describe([t for _, t in missing], batch_size=self.s.batch_size)
+        self._descriptions.update((k, d) for (k, _), d in zip(missing, described))
+        return [self._descriptions[k] for k in keys]
 
     def evaluate(self, target: EvalTarget, method: str, grid_name: Optional[str] = None) -> tuple[dict, dict]:
         """(metrics, counts) of one concept under one method."""
@@ -89,8 +99,11 @@ class Evaluator:
         images, labels = [*t.positives, *t.negatives], [True] * len(t.positives) + [False] * len(t.negatives)
         if not images:
             return
-        question = f"{IMAGE}\n" + RECOGNITION_QUESTION.format(name=t.name)
-        seqs = [p.question(question, [tok]) for tok in self.tokens(images)]
+        question, tokens = RECOGNITION_QUESTION.format(name=t.name), self.tokens(images)
+        if self.session.model.prompts.describe_question:
+            seqs = [p.described_question(question, tok, d) for tok, d in zip(tokens, self.descriptions(images))]
+        else:
+            seqs = [p.question(f"{IMAGE}\n{question}", [tok]) for tok in tokens]
         logits = first_token_logits(self.session, seqs, self.s.batch_size)
         by_logit = (logits[:, self.yes_id] > logits[:, self.no_id]).tolist()
         by_text = [M.parse_yes_no(text) for _, text in self._answers(seqs)]

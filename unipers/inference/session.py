@@ -112,13 +112,21 @@ class InferenceSession:
     @torch.no_grad()
     def ask(self, question: str, images: Sequence[str | os.PathLike] = (), *, history: Sequence[tuple[str, str]] = (),
             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-            use_cache: bool = True) -> str:
-        """Answer `question` (with `<image>` placeholders, or images placed before it), after `history`."""
+            use_cache: bool = True, described: bool = False) -> str:
+        """Answer `question` (with `<image>` placeholders, or images placed before it), after `history`.
+
+        ``described``: ask about one image as `recognize` does with ``backbone.describe_first``, after the
+        base's own description of it (the question then holds no placeholder)."""
         self._check_prompt(question)
         tokens = self.image_tokens(images)
-        if tokens and IMAGE_MARKER not in question:
-            question = IMAGE_MARKER * len(tokens) + "\n" + question
-        ids = self._conversation(question, tokens, history)
+        if described:
+            if len(tokens) != 1 or history:
+                raise InputError("a described question takes exactly one image and no history")
+            ids = self.recognition_prompts(question, tokens)[0]
+        else:
+            if tokens and IMAGE_MARKER not in question:
+                question = IMAGE_MARKER * len(tokens) + "\n" + question
+            ids = self._conversation(question, tokens, history)
         out = self.backbone.generate(torch.tensor([ids], device=self.backbone.device), max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, use_cache=use_cache,
                                      generator=torch.Generator().manual_seed(seed))
@@ -146,13 +154,24 @@ class InferenceSession:
             self._check_prompt(f"<{concept}>")
         tok, bb = self.backbone.tokenizer, self.backbone
         yes, no = (tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
-        text = IMAGE_MARKER + "\n" + question.format(name=concept)
-        seqs = [self._encode(text, [t]) for t in self.image_tokens(images)]
+        seqs = self.recognition_prompts(question.format(name=concept), self.image_tokens(images))
         ids, mask = pad_batch(seqs, tok.pad_token_id, side="left")
         ids, mask = ids.to(bb.device), mask.to(bb.device)
         hidden, _ = bb.hidden_states(ids, mask)
         logits = bb.logits(hidden[:, -1], bb.bank.presence(ids)).float()
         return torch.softmax(logits[:, [yes, no]], -1)[:, 0].tolist()
+
+    def recognition_prompts(self, question: str, images: Sequence[Tensor]) -> list[list[int]]:
+        """Prompt ids of a question about each image (VQ tokens): the image, then the question; or, with
+        ``backbone.describe_first``, the base's description of the image first and the question as turn two."""
+        prompts = self.model.prompts
+        if not prompts.describe_question:
+            return [self._encode(IMAGE_MARKER + "\n" + question, [t]) for t in images]
+        try:
+            return [prompts.encode_described_question(question, image=t, description=d)
+                    for t, d in zip(images, self.model.describe(images))]
+        except PromptError as err:
+            raise InputError(str(err)) from err
 
     # ---- generation -------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -41,13 +41,32 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", l
     return ids, mask
 
 
+@torch.no_grad()
+def describe_images(backbone: ARBackbone, prompts: PromptBuilder, images: Sequence[Tensor],
+                    batch_size: int = 32) -> list[list[int]]:
+    """The base's greedy answer to the describe question (``backbone.describe_first``) about each image
+    (VQ tokens), with no concept in context: ids without the end-of-turn token. See
+    `PromptBuilder.encode_described_qa`."""
+    out = []
+    eos, pad = backbone.tokenizer.eos_token_id, backbone.tokenizer.pad_token_id
+    for i in range(0, len(images), batch_size):
+        seqs = [prompts.describe_prompt(t) for t in images[i:i + batch_size]]
+        ids, mask = pad_batch(seqs, pad, side="left")
+        new = backbone.generate(ids.to(backbone.device), mask.to(backbone.device), max_new_tokens=prompts.describe_tokens)
+        for row in new.cpu().tolist():
+            out.append(row[: row.index(eos)] if eos in row else row)  # pads only follow an end-of-turn
+    return out
+
+
 class UnifiedModel(nn.Module):
-    def __init__(self, backbone: ARBackbone, connector: Connector, decoder: DiffusionDecoder):
+    def __init__(self, backbone: ARBackbone, connector: Connector, decoder: DiffusionDecoder, *,
+                 describe_first: Optional[str] = None, describe_tokens: int = 16):
         super().__init__()
         self.backbone = backbone
         self.connector = connector
         self.decoder = decoder
-        self.prompts = PromptBuilder.for_backbone(backbone)
+        self.prompts = PromptBuilder.for_backbone(backbone, describe_question=describe_first,
+                                                  describe_tokens=describe_tokens)
         self.decoder_fingerprint = fingerprint(decoder, config_fields(decoder.unet.config))
 
     @classmethod
@@ -77,7 +96,8 @@ class UnifiedModel(nn.Module):
                 connector = Connector(c.kind, in_dim=backbone.hidden_size, out_dim=decoder.cross_attention_dim,
                                       pooled_dim=decoder.pooled_dim, num_queries=c.num_queries,
                                       num_layers=c.num_layers, num_heads=c.num_heads)
-        model = cls(backbone, connector, decoder)
+        model = cls(backbone, connector, decoder, describe_first=cfg.backbone.describe_first,
+                    describe_tokens=cfg.backbone.describe_tokens)
         if c.path:
             model.check_connector(c.path)
             model.apply_aligned_decoder(c.path)
@@ -148,6 +168,10 @@ class UnifiedModel(nn.Module):
         seqs = [self.prompts.encode(t, mode=mode, gen_slots=k, images=im) for t, k, im in zip(texts, gen_slots, images)]
         ids, mask = pad_batch(seqs, self.backbone.tokenizer.pad_token_id)
         return ids.to(self.backbone.device), mask.to(self.backbone.device)
+
+    def describe(self, images: Sequence[Tensor], batch_size: int = 32) -> list[list[int]]:
+        """The base's description of each image (`describe_images`)."""
+        return describe_images(self.backbone, self.prompts, images, batch_size)
 
     # ---- the two paths ----------------------------------------------------------------------------------
     def condition(self, ids: Tensor, attention_mask: Tensor) -> Conditioning:

@@ -3,16 +3,19 @@
     python benchmarks/bench_world_recognition.py [--root checkpoints/world] [--photos 120]
 
 On fresh photos of the base's training objects (never the demo object), asks "Is zib in this photo?" with
-zib described two ways, and scores Yes/No from the answer-token logits (as ``unipers recognize`` does):
+zib described in a prefix sentence, and scores Yes/No from the answer-token logits (as ``unipers
+recognize`` does), in two layouts side by side:
 
-    concept layout  "zib is a purple striped star. <image>\\nIs zib in this photo?"   (how the base is trained,
-                    and how a concept's prompt reads: "<bo> is <slots>. <image>\\nIs <bo> in this photo?")
-    after image     "<image>\\nIs the purple striped star in this photo?"              (the naive layout)
+    described       turn one "<image>\\nWhat is in this photo?" answered by the base itself (greedy), then
+                    "zib is a purple striped star. Is zib in this photo?"  (the world's layout:
+                    configs/world.yaml sets backbone.describe_first; a concept's prompt reads
+                    "<bo> is <slots>. Is <bo> in this photo?" there)
+    one turn        "zib is a purple striped star. <image>\\nIs zib in this photo?"  (no description first)
 
-Negatives are near-misses (two of three attributes shared) and others. Then two diagnostics of the
-concept layout: near-misses rejected by which attribute they change, and the base's answers to "What
-shape / colour / pattern is the object?" about the photos (the value whose whole answer is likeliest).
-Prints markdown tables and writes JSON under benchmarks/results/.
+Negatives are near-misses (two of three attributes shared) and others. Then diagnostics of the described
+layout: near-misses rejected by which attribute they change, how often the base's own description names
+each attribute right, and its answers to "What shape / colour / pattern is the object?" (the value whose
+whole answer is likeliest). Prints markdown tables and writes JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -30,17 +33,20 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def load_base(path):
-    """(model in eval mode, processor, plain-mode PromptBuilder) of a built world's backbone folder."""
-    from transformers import AutoProcessor, ChameleonForConditionalGeneration
+    """(HF model in eval mode, processor, plain-mode PromptBuilder with the world's describe question) of a
+    built world's backbone folder."""
+    bb, prompts = load_backbone(path)
+    return bb.model, bb.processor, prompts
 
-    from unipers.concepts.bank import ConceptBank
+
+def load_backbone(path):
+    """(ARBackbone, its PromptBuilder with the world's describe question)."""
     from unipers.concepts.prompts import PromptBuilder
+    from unipers.models.backbone import ARBackbone
+    from unipers.world.base import DESCRIBE_QUESTION
 
-    model = ChameleonForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
-    proc = AutoProcessor.from_pretrained(path, local_files_only=True)
-    prompts = PromptBuilder(proc.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
-                            boi_id=proc.image_start_token_id, eoi_id=proc.image_end_token_id)
-    return model, proc, prompts
+    bb = ARBackbone.from_pretrained(path).eval()
+    return bb, PromptBuilder.for_backbone(bb, describe_question=DESCRIBE_QUESTION)
 
 
 @torch.no_grad()
@@ -91,10 +97,25 @@ def attribute_answers(model, prompts, tokens, shown) -> dict:
     return out
 
 
+@torch.no_grad()
+def says_yes(bb, seqs, yes_id: int, no_id: int, batch_size: int = 64) -> torch.Tensor:
+    """True where the answer's first token is likelier Yes than No after each prompt (ids, left-padded)."""
+    from unipers.models.unified import pad_batch
+
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_batch(seqs[i:i + batch_size], bb.tokenizer.pad_token_id, side="left")
+        hidden, _ = bb.hidden_states(ids, mask)
+        logits = bb.logits(hidden[:, -1], bb.bank.presence(ids))
+        out.append(logits[:, yes_id] > logits[:, no_id])
+    return torch.cat(out)
+
+
 def main(argv=None) -> int:
+    from unipers.models.unified import describe_images
     from unipers.world import base
     from unipers.world.build import demo_object, world_root
-    from unipers.world.synth import all_objects, near_misses, render_many, with_article
+    from unipers.world.synth import ATTRIBUTES, all_objects, near_misses, render_many, with_article
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=None, help="a built world (default checkpoints/world or $UNIPERS_WORLD_DIR)")
@@ -102,7 +123,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     path = world_root(args.root) / "backbone"
-    model, proc, prompts = load_base(path)
+    bb, prompts = load_backbone(path)
+    model, proc = bb.model, bb.processor
     yes_id = proc.tokenizer("Yes", add_special_tokens=False).input_ids[0]
     no_id = proc.tokenizer("No", add_special_tokens=False).input_ids[0]
 
@@ -110,46 +132,57 @@ def main(argv=None) -> int:
     objects = [o for o in all_objects() if o != demo_object()]
     shown = [rng.choice(objects) for _ in range(args.photos)]
     tokens = base.image_tokens(model, base.to_pixels(render_many(shown, "bench/world-recognition"), proc.image_processor))
+    t0 = time.perf_counter()
+    descriptions = describe_images(bb, prompts, list(tokens))
     asked = {
         "pos": shown,
         "near-miss neg": [rng.choice([m for m in near_misses(o) if m != demo_object()]) for o in shown],
         "other neg": [rng.choice([m for m in objects if m.shared(o) < 2]) for o in shown],
     }
-    layouts = {
-        "concept layout": lambda o: f"zib is {with_article(o.describe())}. <image>\nIs zib in this photo?",
-        "after image": lambda o: f"<image>\nIs the {o.describe()} in this photo?",
-    }
+
+    def described(targets):
+        return says_yes(bb, [prompts.encode_described_question(f"zib is {with_article(o.describe())}. Is zib in this photo?",
+                                                               image=t, description=d, mode="plain")
+                             for o, t, d in zip(targets, tokens, descriptions)], yes_id, no_id)
+
+    def one_turn(targets):
+        return score(model, prompts, [f"zib is {with_article(o.describe())}. <image>\nIs zib in this photo?"
+                                      for o in targets], tokens, yes_id, no_id)
+
     rows = {}
-    t0 = time.perf_counter()
-    for layout, make in layouts.items():
+    for layout, decide in (("described", described), ("one turn", one_turn)):
         accs = {}
         for kind, targets in asked.items():
-            said_yes = score(model, prompts, [make(o) for o in targets], tokens, yes_id, no_id)
+            said_yes = decide(targets)
             accs[kind] = (said_yes if kind == "pos" else ~said_yes).float().mean().item()
         accs["weighted"] = (accs["pos"] + (accs["near-miss neg"] + accs["other neg"]) / 2) / 2
         rows[layout] = accs
-    concept = layouts["concept layout"]
     by_attribute = {}
-    for attr in ("shape", "colour", "pattern"):
+    for attr in ATTRIBUTES:
         changed = [rng.choice([m for m in near_misses(o) if getattr(m, attr) != getattr(o, attr) and m != demo_object()])
                    for o in shown]
-        said_yes = score(model, prompts, [concept(o) for o in changed], tokens, yes_id, no_id)
-        by_attribute[attr] = (~said_yes).float().mean().item()
+        by_attribute[attr] = (~described(changed)).float().mean().item()
+    texts = [proc.tokenizer.decode(d).lower().rstrip(".").split() for d in descriptions]
+    named = {a: sum(o.attributes()[a] in words for o, words in zip(shown, texts)) / len(shown) for a in ATTRIBUTES}
+    named["all three"] = sum(all(v in words for v in o.attributes().values()) for o, words in zip(shown, texts)) / len(shown)
     answers = attribute_answers(model, prompts, tokens, shown)
     cols = ["pos", "near-miss neg", "other neg", "weighted"]
     print(f"base recognition on {args.photos} fresh photos ({path}, {time.perf_counter() - t0:.1f} s)\n")
     print("| layout | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
     for layout, accs in rows.items():
         print(f"| {layout} | " + " | ".join(f"{accs[c]:.2f}" for c in cols) + " |")
-    print("\n| concept layout: near-misses rejected, by the attribute they change | shape | colour | pattern |"
-          "\n|---|---|---|---|\n| | " + " | ".join(f"{by_attribute[a]:.2f}" for a in by_attribute) + " |")
+    print("\n| described: near-misses rejected, by the attribute they change | shape | colour | pattern |"
+          "\n|---|---|---|---|\n| | " + " | ".join(f"{by_attribute[a]:.2f}" for a in ATTRIBUTES) + " |")
+    print("\n| the base's description names it right | shape | colour | pattern | all three |"
+          "\n|---|---|---|---|---|\n| | " + " | ".join(f"{named[a]:.2f}" for a in named) + " |")
     print("\n| \"What shape / colour / pattern is the object?\" answered right | shape | colour | pattern |"
-          "\n|---|---|---|---|\n| | " + " | ".join(f"{answers[a]:.2f}" for a in ("shape", "colour", "pattern")) + " |")
+          "\n|---|---|---|---|\n| | " + " | ".join(f"{answers[a]:.2f}" for a in ATTRIBUTES) + " |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "world_recognition.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "backbone": str(path), "photos": args.photos,
                                "results": rows, "near_miss_rejected_by_changed_attribute": by_attribute,
-                               "attribute_answers": answers, "torch": torch.__version__}, indent=2) + "\n")
+                               "description_names": named, "attribute_answers": answers,
+                               "torch": torch.__version__}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 

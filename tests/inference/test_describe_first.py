@@ -13,10 +13,14 @@ DESCRIBE = ["backbone.describe_first='What is in this photo?'", "backbone.descri
 
 
 @pytest.fixture(scope="module")
-def described(concept_files):
+def described(tiny_dirs):
+    """A session asking described recognition, with <bo> and <mam> moved away from their init."""
     s = InferenceSession.from_config(load_config([], DESCRIBE))
-    s.load(concept_files["bo"])
-    s.load(concept_files["mam"])
+    for name, word in (("bo", "dog"), ("mam", "cat")):
+        s.model.add_concept(name, word)
+        with torch.no_grad():
+            for p in s.model.bank.rows[name].parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.2)
     return s
 
 
@@ -146,3 +150,21 @@ def test_ask_described_answers_after_the_description(described, photos):
     assert answer == bb.tokenizer.decode(new, skip_special_tokens=True).strip()
     with pytest.raises(InputError, match="exactly one image"):
         described.ask("Is <bo> in this photo?", photos[:2], described=True)
+
+
+def test_a_concept_file_records_the_layout_and_is_refused_under_the_other(concept_files, tmp_path):
+    from unipers.concepts.io import ConceptFileError, read_metadata
+
+    plain = InferenceSession.from_config(load_config([]))
+    plain.load(concept_files["bo"])
+    assert read_metadata(concept_files["bo"])["describe_first"] == ""
+    with pytest.raises(ConceptFileError, match=r"bo.safetensors: trained with backbone.describe_first=None"):
+        InferenceSession.from_config(load_config([], DESCRIBE)).load(concept_files["bo"])
+    described = InferenceSession.from_config(load_config([], DESCRIBE))
+    described.model.add_concept("rex", "dog")
+    path = described.model.save_concepts(tmp_path / "rex.safetensors")
+    assert read_metadata(path)["describe_first"] == "What is in this photo?"
+    with pytest.raises(ConceptFileError, match="rex.safetensors: trained with backbone.describe_first='What is in"):
+        plain.load(path)
+    described.unload()
+    assert described.load(path) == ["rex"]

@@ -55,20 +55,26 @@ def test_pretraining_texts_answer_truthfully():
     rng = random.Random(0)
     seen = set()
     for _ in range(400):
-        q, a, decision_only = world_example(obj, rng)
-        recognition = " <image>\n" in q
+        q, a, decision_only, description = world_example(obj, rng)
+        recognition = description is not None
         assert recognition or not decision_only  # only recognition is ever scored on its first token alone
         seen.add(("decision only" if decision_only else "whole answer") if recognition else None)
         if q.endswith("What colour is the object?"):
             assert a == "Purple."
             seen.add("colour")
         elif recognition:
-            # concept layout: "<name> is <description>. <image>\n<question about name>"
+            # turn one describes the photo truly; turn two: "<name> is <description>. <question about name>"
+            assert description == "A purple striped star." and "<image>" not in q
             name, rest = q.split(" is ", 1)
-            assert name in NONCE_NAMES and name in rest.split("\n", 1)[1]
-            described = rest.split(". <image>", 1)[0]
-            assert a.startswith("Yes" if described == with_article(obj.describe()) else "No")
-            seen.add("recognition yes" if a.startswith("Yes") else "recognition no")
+            assert name in NONCE_NAMES and name in rest.split(". ", 1)[1]
+            described = rest.split(". ", 1)[0]
+            words = described.split()[1:]  # after the article: "purple striped star", "dotted object"
+            partial = words[-1] == "object"
+            if not partial:
+                assert described == with_article(" ".join(words))
+            truth = all(w in obj.attributes().values() for w in words if w != "object")
+            assert a.startswith("Yes" if truth else "No")
+            seen.add(f"recognition {'yes' if truth else 'no'}{' partial' if partial else ''}")
         elif ", living in the " in q:  # a fact read off the prefix, in a concept fact's words
             name, rest = q.split(" is ", 1)
             home, likes = rest.split(", living in the ", 1)[1].split(". ", 1)[0].split(" and liking the ")
@@ -79,7 +85,8 @@ def test_pretraining_texts_answer_truthfully():
             assert a == ("Yes." if word in obj.attributes().values() else "No.")
             seen.add("yes/no")
     seen.discard(None)
-    assert seen == {"colour", "recognition yes", "recognition no", "yes/no", "decision only", "whole answer", "fact"}
+    assert seen == {"colour", "recognition yes", "recognition no", "recognition yes partial", "recognition no partial",
+                    "yes/no", "decision only", "whole answer", "fact"}
 
 
 def test_world_vocabulary_gives_each_answer_its_own_first_token():
@@ -97,3 +104,47 @@ def test_world_vocabulary_gives_each_answer_its_own_first_token():
         assert all(len(tok(" " + v, add_special_tokens=False).input_ids) == 1 for v in values)
     assert all(len(tok(" " + p, add_special_tokens=False).input_ids) == 1 for p in PLACES)
     assert tok.decode(tok("Yes.", add_special_tokens=False).input_ids[:1]) == "Yes"
+
+
+def test_described_examples_have_the_layout_personalization_and_recognize_use(backbone_dir):
+    """The base learns recognition in exactly the ids `PromptBuilder.encode_described_qa` gives a concept
+    (describe question from configs/world.yaml), plus labels on its own description; the decision (first
+    token of the second answer) is weighted like a first token."""
+    import random
+
+    from unipers.concepts.prompts import IGNORE_INDEX
+    from unipers.config import load_config
+    from unipers.models.unified import UnifiedModel
+    from unipers.world.base import DESCRIBE_QUESTION, WorldText, encode_example, weighted_answer_loss
+
+    cfg = load_config(["configs/world.yaml"], [f"backbone.path={backbone_dir}", "decoder.path=tiny", "connector.path=null"])
+    assert cfg.backbone.describe_first == DESCRIBE_QUESTION
+    model = UnifiedModel.from_config(cfg)
+    p, tok = model.prompts, model.backbone.tokenizer
+    image = torch.arange(4) + p.boi_id + 1
+    ex = WorldText("zib is a red plain circle. Is zib in this photo?", "Yes, zib is in this photo.", False,
+                   "A red plain circle.")
+    ids, labels = encode_example(p, ex, image)
+    description = tok("A red plain circle.", add_special_tokens=False).input_ids
+    want = p.encode_described_qa(ex.question, ex.answer, image=image, description=description, mode="plain")
+    assert ids == want.ids
+    n1 = len(p.describe_prompt(image))
+    assert labels[:n1] == [IGNORE_INDEX] * n1 and labels[n1:] == description + [tok.eos_token_id] + want.labels[n1 + len(description) + 1:]
+    ids_d, labels_d = encode_example(p, ex._replace(decision_only=True), image)
+    decision = n1 + len(description) + 1 + next(k for k, v in enumerate(want.labels[n1 + len(description) + 1:]) if v != IGNORE_INDEX)
+    assert ids_d == ids and tok.decode([labels_d[decision]]) == "Yes"
+    assert [k for k, v in enumerate(labels_d) if v != IGNORE_INDEX] == list(range(n1, n1 + len(description) + 1)) + [decision]
+
+    # the loss weights the first token of each answer: moving only the decision's logit moves the loss 5x
+    # as much as moving a token inside the description
+    labels_t = torch.tensor([labels])
+    logits = torch.zeros(1, len(ids), max(ids) + 1)
+    start = weighted_answer_loss(logits, labels_t, 5.0)
+
+    def bumped(pos):
+        x = logits.clone()
+        x[0, pos - 1, ids[pos]] += 1.0
+        return (start - weighted_answer_loss(x, labels_t, 5.0)).item()
+
+    assert abs(bumped(decision) / bumped(n1 + 1) - 5.0) < 1e-3
+    assert abs(bumped(n1) / bumped(n1 + 1) - 5.0) < 1e-3  # the description's first token too

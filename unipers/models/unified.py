@@ -146,13 +146,17 @@ class UnifiedModel(nn.Module):
             theirs = meta.get(f"{kind}_fingerprint")
             if theirs is not None and theirs != ours:
                 raise ConceptFileError(f"{path}: trained with {kind} {theirs}, but the loaded {kind} is {ours}")
+        theirs, ours = meta.get("describe_first"), self.prompts.describe_question or ""
+        if theirs is not None and theirs != ours:  # the rows learned to sit beside (or without) a description
+            raise ConceptFileError(f"{path}: trained with backbone.describe_first={theirs or None!r}, but this "
+                                   f"model asks with {ours or None!r}; set backbone.describe_first to match")
         return load_concepts(self.bank, path, base_fingerprint=self.backbone.base_fingerprint,
                              vocabulary=self.backbone.vocabulary, names=names)
 
     def save_concepts(self, path: str | os.PathLike, names: Optional[Iterable[str]] = None,
                       extra: Optional[dict[str, str]] = None) -> Path:
         extra = {"decoder_fingerprint": self.decoder_fingerprint, "connector_fingerprint": self.connector_fingerprint,
-                 **(extra or {})}
+                 "describe_first": self.prompts.describe_question or "", **(extra or {})}
         return save_concepts(self.bank, path, base_fingerprint=self.backbone.base_fingerprint, names=names, extra=extra)
 
     @property

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_ROOT = REPO / "checkpoints" / "world"
-WORLD_VERSION = "world-v4"
+WORLD_VERSION = "world-v5"
 SEED = 0
 N_TRAIN = 4000  # photos the base models learn from
 N_CLASSIFIER_HELD = 600
@@ -133,6 +133,7 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool) -> dic
                                                        steps=STEPS["tokenizer"], seed=seed, progress=bar)
     info["tokenizer"]["seconds"] = round(time.perf_counter() - t0, 1)
     tokens = base.image_tokens(model, pixels)
+    base.init_image_embeddings(model, seed=seed)
     bank = ConceptBank(model.config.vocab_size, model.config.hidden_size)
     prompts = PromptBuilder(processor.tokenizer, bank, boi_id=processor.image_start_token_id,
                             eoi_id=processor.image_end_token_id)

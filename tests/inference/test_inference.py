@@ -108,3 +108,11 @@ def test_cli_chat_keeps_turns(concept_files):
                   input="Who is <bo>?\nAnd what does <bo> like?\n\n")
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("model>") == 2 and "loaded: <bo>" in out.stdout
+
+
+def test_answers_name_a_concept_by_its_marker(session):
+    tok = session.backbone.tokenizer
+    bo = session.model.bank.info["bo"]
+    ids = tok("Yes, I can see", add_special_tokens=False).input_ids + [bo.first_id]
+    ids += bo.token_ids("shared") + tok(" here.", add_special_tokens=False).input_ids
+    assert session.decode(ids) == "Yes, I can see<bo> here."  # identifier as its marker, other slots as nothing

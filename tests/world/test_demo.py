@@ -75,19 +75,11 @@ def test_fact_answers_change_from_wrong_to_right(demo):
         assert not fb["right"] and fa["right"], (fb, fa)
 
 
-def test_held_out_recognition_rises(demo):
-    """What holds today: personalization lifts held-out recognition well above its start (0.50 -> 0.73)."""
-    _, report = demo
-    before, after = report["results"]["before"]["eval"], report["results"]["after"]["eval"]
-    assert after["recognition/weighted"] >= 0.6
-    assert after["recognition/weighted"] - before["recognition/weighted"] >= 0.2
-
-
-@pytest.mark.xfail(strict=False, reason="open (issue #8): the world's 4-layer AR base recognizes 0.83 weighted in the "
-                   "concept layout (benchmarks/bench_world_recognition.py), comparing colour but hardly shape, and "
-                   "the demo concept reaches 0.73 held-out; see README 'Not yet'")
-def test_held_out_recognition_rises_to_090(demo):
+def test_held_out_recognition_rises_from_about_half_to_090(demo):
+    """Held-out weighted recognition (`unipers eval`, 24 photos of <bo>, 24 negatives of which 14 are
+    near-misses) rises from the untrained concept's to at least 0.9, near-misses included."""
     _, report = demo
     before, after = report["results"]["before"]["eval"], report["results"]["after"]["eval"]
     assert before["recognition/weighted"] <= 0.7, "the untrained concept should not already recognize it"
     assert after["recognition/weighted"] >= 0.9
+    assert report["results"]["after"]["recognition"]["near_miss_neg"] >= 0.8

@@ -128,21 +128,6 @@ def generate_answers(session, seqs: Sequence[Sequence[int]], max_new_tokens: int
         new = bb.generate(ids.to(bb.device), mask.to(bb.device), max_new_tokens=max_new_tokens).cpu().tolist()
         for row in new:
             row = row[: row.index(eos)] if eos in row else row
-            out.append((row, decode(session, row)))
+            out.append((row, session.decode(row)))
     return out
 
-
-def decode(session, ids: Sequence[int]) -> str:
-    """Text of generated ids: a concept's identifier token reads as ``<name>``, its other slots as nothing."""
-    bb = session.backbone
-    names = {info.first_id: f"<{name}>" for name, info in bb.bank.info.items()}
-    pieces, run = [], []
-    for i in ids:
-        if i < bb.vocab_size:
-            run.append(i)
-            continue
-        pieces.append(bb.tokenizer.decode(run, skip_special_tokens=True))
-        run = []
-        pieces.append(names.get(i, ""))
-    pieces.append(bb.tokenizer.decode(run, skip_special_tokens=True))
-    return "".join(pieces).strip()

@@ -130,7 +130,22 @@ class InferenceSession:
         out = self.backbone.generate(torch.tensor([ids], device=self.backbone.device), max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, use_cache=use_cache,
                                      generator=torch.Generator().manual_seed(seed))
-        return self.backbone.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+        return self.decode(out[0].tolist())
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of generated ids: a concept's identifier token reads as ``<name>``, its other slots as nothing."""
+        bb = self.backbone
+        names = {info.first_id: f"<{name}>" for name, info in bb.bank.info.items()}
+        pieces, run = [], []
+        for i in ids:
+            if i < bb.vocab_size:
+                run.append(i)
+                continue
+            pieces.append(bb.tokenizer.decode(run, skip_special_tokens=True))
+            run = []
+            pieces.append(names.get(i, ""))
+        pieces.append(bb.tokenizer.decode(run, skip_special_tokens=True))
+        return "".join(pieces).strip()
 
     def _conversation(self, question: str, images: Sequence[Tensor], history: Sequence[tuple[str, str]]) -> list[int]:
         """Earlier turns, then the question: ``q <sep> a </s> q <sep> a </s> ... q <sep>``."""

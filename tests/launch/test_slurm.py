@@ -274,7 +274,11 @@ def test_sigusr1_saves_requeues_and_resumes_to_identical_rows(ddp_run, job_env, 
     wait_for(lambda: job_states(job_id).get(job_id) == "PENDING", 60, "the requeued job")
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert 3 < saved["global_step"] < 60 and not (run / "concepts" / "last.safetensors").exists()
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)  # skip the ~120 s BeginTime
+    # The requeued job reuses its MASTER_PORT: let the killed tasks (slurmstepd waits up to 12 s for them)
+    # be gone before skipping the ~120 s BeginTime that normally keeps the two apart.
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"{run}/config.yaml"], capture_output=True).returncode != 0, 60,
+             "the killed tasks to exit")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     states = wait_job(job_id, run)
     log = logs_of(run)
     assert states == {job_id: "COMPLETED"}, log

@@ -109,9 +109,7 @@ def test_world_vocabulary_gives_each_answer_its_own_first_token():
 def test_described_examples_have_the_layout_personalization_and_recognize_use(backbone_dir):
     """The base learns recognition in exactly the ids `PromptBuilder.encode_described_qa` gives a concept
     (describe question from configs/world.yaml), plus labels on its own description; the decision (first
-    token of the second answer) is weighted like a first token."""
-    import random
-
+    token of the second answer) is weighted on its own."""
     from unipers.concepts.prompts import IGNORE_INDEX
     from unipers.config import load_config
     from unipers.models.unified import UnifiedModel
@@ -139,12 +137,14 @@ def test_described_examples_have_the_layout_personalization_and_recognize_use(ba
     # as much as moving a token inside the description
     labels_t = torch.tensor([labels])
     logits = torch.zeros(1, len(ids), max(ids) + 1)
-    start = weighted_answer_loss(logits, labels_t, 5.0)
-
-    def bumped(pos):
+    def bumped(pos, decision_weight=None):
         x = logits.clone()
         x[0, pos - 1, ids[pos]] += 1.0
-        return (start - weighted_answer_loss(x, labels_t, 5.0)).item()
+        loss = lambda z: weighted_answer_loss(z, labels_t, 5.0, decision_weight)  # noqa: E731
+        return (loss(logits) - loss(x)).item()
 
     assert abs(bumped(decision) / bumped(n1 + 1) - 5.0) < 1e-3
     assert abs(bumped(n1) / bumped(n1 + 1) - 5.0) < 1e-3  # the description's first token too
+    # pre-training's decision weight applies to the decision alone, not to the description's first token
+    assert abs(bumped(decision, 20.0) / bumped(n1 + 1, 20.0) - 20.0) < 1e-3
+    assert abs(bumped(n1, 20.0) / bumped(n1 + 1, 20.0) - 5.0) < 1e-3

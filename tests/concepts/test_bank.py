@@ -130,3 +130,20 @@ def test_prompt_layouts(make_backbone):
     with pytest.raises(PromptError, match="longer than the model's context"):
         builder.encode("dog " * 2000)
     assert GROUPS == ("identifier", "shared", "und", "gen")
+
+
+def test_prompt_text_cache_gives_the_tokenizer_ids_and_cannot_be_corrupted(make_backbone):
+    """Training re-encodes the same templated pieces every step; the builder tokenizes each once. A cached
+    piece encodes as the tokenizer does, and changing a returned list changes nothing later."""
+    bb = make_backbone()
+    bb.add_concept("bo", "dog")
+    builder = PromptBuilder.for_backbone(bb)
+    text = "Is <bo> in this photo? It is a red dog."
+    first = builder.encode(text, mode="plain")
+    first.append(-1)
+    again = builder.encode(text, mode="plain")
+    assert again == first[:-1]
+    piece = " in this photo? It is a red dog."
+    assert builder._text(piece) == bb.tokenizer(piece, add_special_tokens=False).input_ids
+    builder._text(piece).clear()
+    assert builder._text(piece) == bb.tokenizer(piece, add_special_tokens=False).input_ids

@@ -27,6 +27,7 @@ from unipers.concepts.names import MARKER_PATTERN
 IMAGE_MARKER = "<image>"
 IGNORE_INDEX = -100
 MODES = ("und", "gen", "plain")
+_TEXT_CACHE_SIZE = 1 << 16  # distinct text pieces remembered per builder (templates: a few thousand)
 _SPLIT = re.compile(r"(<image>|<[A-Za-z0-9][A-Za-z0-9_-]{0,31}>)")
 
 
@@ -51,6 +52,7 @@ class PromptBuilder:
         self.max_length = max_length
         self.describe_question, self.describe_tokens = describe_question, describe_tokens
         self.vocab = tokenizer.get_vocab()
+        self._text_ids: dict[str, tuple[int, ...]] = {}
 
     @classmethod
     def for_backbone(cls, backbone, **layout) -> "PromptBuilder":
@@ -153,7 +155,14 @@ class PromptBuilder:
 
     # ---- pieces -----------------------------------------------------------------------------------------
     def _text(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+        if not text:
+            return []
+        ids = self._text_ids.get(text)
+        if ids is None:  # training re-encodes the same templated pieces every step: tokenize each once
+            ids = tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
+            if len(self._text_ids) < _TEXT_CACHE_SIZE:
+                self._text_ids[text] = ids
+        return list(ids)
 
     def _body(self, text: str, images: Sequence[Tensor]) -> list[int]:
         ids: list[int] = []

@@ -120,13 +120,15 @@ class DiffusionDecoder(nn.Module):
             return "flow_matching"
         return self.scheduler.config.get("prediction_type", "epsilon")
 
+    # The UNet's first parameter, not diffusers' ModelMixin.device / .dtype: those walk the offload hooks
+    # on every call (2% of a tiny personalization step).
     @property
     def device(self) -> torch.device:
-        return self.unet.device
+        return next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.unet.dtype
+        return next(self.unet.parameters()).dtype
 
     # ---- latents ------------------------------------------------------------------------------------
 

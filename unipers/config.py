@@ -135,6 +135,11 @@ class DataConfig:
     """Augmented views of training images (unipers/data/augment.py); cached like the originals."""
     pairs: Optional[str] = None
     """Align only: a folder of images with captions.jsonl, or a glob of WebDataset tar shards."""
+    cache_latents: bool = True
+    """Align, folder pairs: encode each image with the frozen VAE once, into
+    ``<pairs>/cache/latents-<decoder fingerprint>.safetensors`` (held in memory while training), not at
+    every step. Turn off for folders too large to hold; shards are always streamed. Delete the cache if the
+    images change under the same names."""
 
 
 @dataclass

@@ -128,6 +128,35 @@ def test_caption_folder_errors_name_the_file_and_line(align_pairs, tmp_path):
         CaptionFolderDataset(align_pairs["folder"], bad, SIZE)
 
 
+def test_cached_latents_stand_in_for_the_images(model, align_pairs, tmp_path):
+    """A folder's latents are encoded once (`latent_cache(..., root=folder)`, one file under
+    ``<folder>/cache/``); a loader over them gives the loss the images give, and never reads an image."""
+    import shutil
+
+    from unipers.data.collate import latent_cache
+
+    folder = tmp_path / "pairs"
+    shutil.copytree(align_pairs["folder"], folder)
+    paths = CaptionFolderDataset(folder, folder / "captions.jsonl", SIZE).image_paths
+    latents = latent_cache(model, paths, root=folder)
+    assert [f.name for f in (folder / "cache").iterdir()] == [f"latents-{model.decoder_fingerprint}.safetensors"]
+    shutil.rmtree(folder / "images")  # training from the cache reads no image
+    cached = build_align_data("folder", folder, image_size=SIZE, batch_size=4, rank=0, world_size=1, latents=latents)
+    plain = build_align_data("folder", align_pairs["folder"], image_size=SIZE, batch_size=4, rank=0, world_size=1)
+    module = make_module(model)
+    for a, b in zip(cached, plain):
+        assert "pixels" not in a and a["keys"] == b["keys"] and a["captions"] == b["captions"]
+        with torch.no_grad():
+            from_cache = module.shared_step(a, torch.Generator().manual_seed(1))
+            from_images = module.shared_step(b, torch.Generator().manual_seed(1))
+        assert torch.allclose(from_cache, from_images, rtol=1e-4)
+    assert latent_cache(model, paths, root=folder).keys() == latents.keys()  # loaded, not recomputed
+    with pytest.raises(KeyError, match="no cached latents"):
+        CaptionFolderDataset(folder, folder / "captions.jsonl", SIZE, latents={})
+    with pytest.raises(ValueError, match="for kind='folder'"):
+        build_align_data("shards", align_pairs["shards"], image_size=SIZE, batch_size=2, latents=latents)
+
+
 # ---- training -------------------------------------------------------------------------------------------
 def test_align_trains_only_the_connector_and_checkpoints_only_it(model, align_pairs, tmp_path):
     backbone = {k: v.clone() for k, v in model.backbone.model.state_dict().items()}

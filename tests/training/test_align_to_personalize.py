@@ -27,6 +27,7 @@ def test_align_then_personalize_then_generate(prepared_concepts, tmp_path, tiny_
     run = train(align)
     connector = run / "connector.safetensors"
     assert connector.is_file() and (run / "connector.decoder.safetensors").is_file()
+    assert len(list((pairs / "cache").glob("latents-*.safetensors"))) == 1  # data.cache_latents (default)
 
     personalize = load_config([CONFIGS / "personalize.yaml"], [
         f"data.concepts=[{prepared_concepts[0]}]", f"connector.path={connector}", "trainer.max_steps=2",

@@ -144,11 +144,13 @@ def _decoder_pixels(path: str, size: int) -> Tensor:
     return TF.to_tensor(im) * 2 - 1
 
 
-def cached_features(keys: Sequence[str], kind: str, fingerprint: str, compute, batch_size: int = 32) -> dict[str, Tensor]:
+def cached_features(keys: Sequence[str], kind: str, fingerprint: str, compute, batch_size: int = 32,
+                    root: str | Path | None = None) -> dict[str, Tensor]:
     """{image path: feature}, computed once per (image, model) and stored in ``<folder>/cache/``.
 
     `compute(paths) -> Tensor` runs the frozen encoder on a batch. Each prepared folder keeps its own file,
-    ``cache/<kind>-<fingerprint>.safetensors``, keyed by the path relative to the folder.
+    ``cache/<kind>-<fingerprint>.safetensors``, keyed by the path relative to the folder; ``root`` puts every
+    key under one folder instead (an align pairs folder).
     """
     from safetensors.torch import load_file
 
@@ -157,13 +159,14 @@ def cached_features(keys: Sequence[str], kind: str, fingerprint: str, compute, b
     by_root: dict[Path, list[str]] = {}
     for key in dict.fromkeys(keys):
         path = Path(key)
-        root = next((p for p in path.parents if (p / "manifest.jsonl").is_file()), path.parent)
-        by_root.setdefault(root, []).append(key)
+        folder = Path(root) if root is not None else \
+            next((p for p in path.parents if (p / "manifest.jsonl").is_file()), path.parent)
+        by_root.setdefault(folder, []).append(key)
     out: dict[str, Tensor] = {}
-    for root, group in by_root.items():
-        file = root / "cache" / f"{kind}-{fingerprint}.safetensors"
+    for folder, group in by_root.items():
+        file = folder / "cache" / f"{kind}-{fingerprint}.safetensors"
         stored = load_file(str(file)) if file.is_file() else {}
-        rel = {k: str(Path(k).relative_to(root)) for k in group}
+        rel = {k: str(Path(k).relative_to(folder)) for k in group}
         missing = [k for k in group if rel[k] not in stored]
         for i in range(0, len(missing), batch_size):
             chunk = missing[i:i + batch_size]
@@ -204,12 +207,13 @@ def description_cache(model, tokens: Mapping[str, Tensor], keys: Sequence[str]) 
     return {k: [t for t in v.tolist() if t >= 0] for k, v in stored.items()}
 
 
-def latent_cache(model, keys: Sequence[str]) -> dict[str, Tensor]:
-    """Decoder latents (VAE mean) at the decoder's resolution for every generation target."""
+def latent_cache(model, keys: Sequence[str], root: str | Path | None = None) -> dict[str, Tensor]:
+    """Decoder latents (VAE mean) at the decoder's resolution for every generation target (or align
+    image: ``root``, its pairs folder)."""
     dec = model.decoder
 
     def compute(paths):
         pixels = torch.stack([_decoder_pixels(p, dec.image_size) for p in paths])
         return dec.encode_images(pixels.to(dec.device, dec.dtype)).float()
 
-    return cached_features(keys, "latents", model.decoder_fingerprint, compute)
+    return cached_features(keys, "latents", model.decoder_fingerprint, compute, root=root)

@@ -4,6 +4,7 @@
     loader = build_align_data("shards", "data/shards/pairs-{000000..000511}.tar", image_size=512,
                               batch_size=32, num_workers=8)
     batch = next(iter(loader))  # {"pixels": (B, 3, S, S) in [-1, 1], "captions": [str], "keys": [str]}
+    # a folder with latents=latent_cache(model, paths, root=folder): "latents" (B, C, h, w) instead of "pixels"
 
 Folder: one JSON object per line, ``{"image": "rel/path.png", "caption": "..."}``; the key is the image path
 without its extension. Shards: ordinary tar files in the WebDataset layout (members grouped by key, the
@@ -25,7 +26,7 @@ import re
 import tarfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -52,10 +53,15 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 # ---- folder + captions JSONL ---------------------------------------------------------------------------
 class CaptionFolderDataset(Dataset):
-    """Pairs listed in a captions JSONL, images relative to ``folder``. Errors name the file and line."""
+    """Pairs listed in a captions JSONL, images relative to ``folder``. Errors name the file and line.
 
-    def __init__(self, folder: str | os.PathLike, captions_jsonl: str | os.PathLike, image_size: int):
+    ``latents``: {image path: VAE latents} (`collate.latent_cache`); items then carry "latents" instead of
+    "pixels", and no image is read during training."""
+
+    def __init__(self, folder: str | os.PathLike, captions_jsonl: str | os.PathLike, image_size: int,
+                 latents: Mapping[str, torch.Tensor] | None = None):
         self.folder, self.captions_jsonl, self.image_size = Path(folder), Path(captions_jsonl), image_size
+        self.latents = latents
         self.items: list[tuple[str, str, str]] = []  # (image path, caption, key)
         missing: list[str] = []
         with open(self.captions_jsonl, encoding="utf-8") as f:
@@ -71,7 +77,7 @@ class CaptionFolderDataset(Dataset):
                         or not isinstance(row.get("caption"), str):
                     raise ValueError(f'{where}: expected {{"image": str, "caption": str}}, got {line.strip()[:120]}')
                 path = self.folder / row["image"]
-                if not path.is_file():
+                if latents is None and not path.is_file():
                     missing.append(f"{where}: {path}")
                 key = Path(row["image"]).with_suffix("").as_posix()
                 self.items.append((str(path), row["caption"], key))
@@ -80,12 +86,20 @@ class CaptionFolderDataset(Dataset):
             raise FileNotFoundError(f"image not found: {missing[0]}{more}")
         if not self.items:
             raise ValueError(f"{self.captions_jsonl}: no pairs")
+        if latents is not None and (lacking := [path for path, _, _ in self.items if path not in latents]):
+            raise KeyError(f"no cached latents for {lacking[0]} (and {len(lacking) - 1} more)")
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [path for path, _, _ in self.items]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         path, caption, key = self.items[index]
+        if self.latents is not None:
+            return {"latents": self.latents[path], "caption": caption, "key": key}
         try:
             pixels = _decoder_pixels(path, self.image_size)
         except Exception as err:
@@ -242,21 +256,23 @@ def _shuffled(items: Iterable[dict], size: int, rng: random.Random) -> Iterator[
 
 # ---- batches -------------------------------------------------------------------------------------------
 def pair_collate(items: Sequence[dict]) -> dict:
-    return {"pixels": torch.stack([it["pixels"] for it in items]), "captions": [it["caption"] for it in items],
+    image = "latents" if "latents" in items[0] else "pixels"
+    return {image: torch.stack([it[image] for it in items]), "captions": [it["caption"] for it in items],
             "keys": [it["key"] for it in items]}
 
 
 def build_align_data(kind: str, source: str | os.PathLike | Sequence[str], *, image_size: int, batch_size: int,
                      captions: str | os.PathLike | None = None, num_workers: int = 0, seed: int = 0,
                      rank: int | None = None, world_size: int | None = None, shuffle_buffer: int = 1000,
-                     repeat: bool = True):
+                     repeat: bool = True, latents: Mapping[str, torch.Tensor] | None = None):
     """A training loader over pairs. kind: "folder" (``source`` = folder, ``captions`` defaults to
     ``source/captions.jsonl``) or "shards" (``source`` = shard list or pattern).
 
     Build it where the process group exists (a ``train_dataloader`` hook) or pass ``rank``/``world_size``.
     Folder: a seeded DistributedSampler (Lightning sets its epoch) in torchdata's StatefulDataLoader, so a
     resume replays exactly; drop_last keeps batch counts equal on every rank. Shards: ``repeat=True``
-    streams forever (stop with ``max_steps``), so no rank runs out of data before another.
+    streams forever (stop with ``max_steps``), so no rank runs out of data before another. ``latents``
+    (folder only): cached VAE latents per image path, used instead of the images.
     """
     from torch.utils.data.distributed import DistributedSampler
     from torchdata.stateful_dataloader import StatefulDataLoader
@@ -264,13 +280,14 @@ def build_align_data(kind: str, source: str | os.PathLike | Sequence[str], *, im
     common = dict(batch_size=batch_size, collate_fn=pair_collate, num_workers=num_workers, drop_last=True,
                   persistent_workers=False)
     if kind == "folder":
-        dataset = CaptionFolderDataset(source, captions or Path(source) / "captions.jsonl", image_size)
+        dataset = CaptionFolderDataset(source, captions or Path(source) / "captions.jsonl", image_size, latents)
         r, w = _rank_world(rank, world_size)
         sampler = DistributedSampler(dataset, num_replicas=w, rank=r, shuffle=True, seed=seed, drop_last=True)
         return StatefulDataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed), **common)
     if kind == "shards":
-        if captions is not None:
-            raise ValueError("captions= is for kind='folder'; shards carry their captions")
+        if captions is not None or latents is not None:
+            raise ValueError("captions= and latents= are for kind='folder'; shards carry their captions and are "
+                             "streamed, never cached")
         dataset = TarShardDataset(source, image_size, rank=rank, world_size=world_size, seed=seed,
                                   shuffle_buffer=shuffle_buffer, repeat=repeat)
         return StatefulDataLoader(dataset, **common)

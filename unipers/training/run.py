@@ -167,10 +167,25 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
 
     class Pairs(L.LightningDataModule):
         def train_dataloader(self):  # built here, so ranks are known
+            latents = None
+            if pairs.is_dir() and cfg.data.cache_latents:
+                latents = self.cached_latents()
             return build_align_data("folder" if pairs.is_dir() else "shards", cfg.data.pairs,
                                     image_size=model.decoder.image_size, batch_size=cfg.data.batch_size,
                                     num_workers=cfg.data.num_workers, seed=cfg.seed,
-                                    rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+                                    rank=self.trainer.global_rank, world_size=self.trainer.world_size,
+                                    latents=latents)
+
+        def cached_latents(self):
+            """Every image's VAE latents, encoded once (by rank 0; the others load its file)."""
+            from unipers.data.collate import latent_cache
+            from unipers.data.pairs import CaptionFolderDataset
+
+            paths = CaptionFolderDataset(pairs, pairs / "captions.jsonl", model.decoder.image_size).image_paths
+            if self.trainer.global_rank == 0:
+                latent_cache(model, paths, root=pairs)
+            self.trainer.strategy.barrier("align-latents")
+            return latent_cache(model, paths, root=pairs)
 
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
     out = run_dir / "connector.safetensors"

@@ -152,12 +152,11 @@ def bench_align(root: Path, steps: int) -> dict:
     from unipers.config import load_config
     from unipers.data.collate import latent_cache
     from unipers.data.pairs import CaptionFolderDataset, build_align_data
+    from unipers.models.tiny import build_tiny_chameleon
     from unipers.models.tiny_decoder import build_tiny_decoder
     from unipers.models.unified import UnifiedModel
     from unipers.training.align import AlignModule
-    from unipers.world.build import BACKBONE, DECODER, align_caption, training_photos
-    from unipers.models.tiny import build_tiny_chameleon
-    from unipers.world.build import world_corpus
+    from unipers.world.build import BACKBONE, DECODER, align_caption, training_photos, world_corpus
 
     if not (root / "backbone" / "config.json").is_file():
         build_tiny_chameleon(root / "backbone", seed=0, corpus=world_corpus(), **BACKBONE)

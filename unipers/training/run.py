@@ -182,10 +182,9 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
             from unipers.data.pairs import CaptionFolderDataset
 
             paths = CaptionFolderDataset(pairs, pairs / "captions.jsonl", model.decoder.image_size).image_paths
-            if self.trainer.global_rank == 0:
-                latent_cache(model, paths, root=pairs)
+            latents = latent_cache(model, paths, root=pairs) if self.trainer.global_rank == 0 else None
             self.trainer.strategy.barrier("align-latents")
-            return latent_cache(model, paths, root=pairs)
+            return latents if latents is not None else latent_cache(model, paths, root=pairs)
 
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
     out = run_dir / "connector.safetensors"

@@ -50,3 +50,34 @@ def test_the_demo_object_is_never_in_the_training_photos(micro):
     objects, images = micro.training_photos()
     assert micro.demo_object() not in objects
     assert len(objects) == len(images) == micro.N_TRAIN
+
+
+def test_world_align_on_cached_latents_ends_where_per_batch_encoding_ends(micro, tmp_path, tiny_dirs):
+    """The build aligns on latents encoded once: the world's VAE (no attention) gives an image the same
+    latents in a cache chunk of 32 as in a shuffled batch of 32, so the run ends at the same weights as one
+    encoding every batch (world-v5's connector and UNet delta, checked by hash, came from such a run)."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from unipers.config import load_config
+    from unipers.models.tiny_decoder import build_tiny_decoder
+    from unipers.training.run import train
+
+    decoder = build_tiny_decoder(tmp_path / "decoder", seed=0, **micro.DECODER)
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    with open(pairs / "captions.jsonl", "w") as f:
+        for i in range(64):
+            Image.effect_noise((32, 32), 20 + i).convert("RGB").save(pairs / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}) + "\n")
+    ends = {}
+    for cache in (True, False):
+        run = train(load_config([micro.REPO / "configs" / "base.yaml"], [
+            "stage=align", f"data.pairs={pairs}", f"decoder.path={decoder}", "trainer.max_steps=3",
+            "data.batch_size=32", f"data.cache_latents={str(cache).lower()}", "align.train_decoder=none",
+            f"run_dir={tmp_path / f'align-{cache}'}", "trainer.progress_bar=false"]))
+        ends[cache] = load_file(run / "connector.safetensors")
+    assert len(list((pairs / "cache").glob("latents-*.safetensors"))) == 1
+    assert ends[True].keys() == ends[False].keys()
+    assert all(torch.equal(ends[True][k], ends[False][k]) for k in ends[True])

@@ -16,8 +16,10 @@
    Check: at the same weights the three losses agree to 1e-5.
 2. **align**: one align step of the world's decoder (connector + every UNet block trained, batch 32 of
    32 px pairs) reading PNGs and encoding them with the frozen VAE every step, vs reading
-   ``data.cache_latents``' file (encoded once). Check: at the same weights and noise the losses agree to
-   1e-4. The one-off encoding of the whole folder is reported beside it.
+   ``data.cache_latents``' file (encoded once): what ``unipers world build`` runs (the world's VAE gives
+   the same bits in a cache chunk as in a batch, so the build's align ends where per-batch encoding
+   ends). Check: at the same weights and noise the losses agree to 1e-4. The one-off encoding of the
+   whole folder is reported beside it.
 
 The weights are the world's seeded initial ones (their values do not change the cost). Step times are the
 median and the fastest of the timed steps; the arms alternate A B C A B C, each step's batch the same in

@@ -113,7 +113,9 @@ def training_photos(seed: int = SEED):
     return objects, render_many(objects, f"{seed}/train")
 
 
-def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool) -> dict:
+def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_out=None) -> dict:
+    """Tokenizer, then AR pre-training, saved to ``out``. ``held_out``: objects the base never hears of
+    (default: the demo object; ``benchmarks/bench_world_descriptions.py`` holds out more)."""
     import torch
     from transformers import AutoProcessor, ChameleonForConditionalGeneration
 
@@ -140,7 +142,7 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool) -> dic
     t0 = time.perf_counter()
     with _bar(STEPS["pretrain"], "world: AR pre-training", quiet) as bar:
         info["pretrain"] = base.pretrain_backbone(model, prompts, tokens, objects, steps=STEPS["pretrain"],
-                                                  held_out=[demo_object()], seed=seed, progress=bar)
+                                                  held_out=held_out or [demo_object()], seed=seed, progress=bar)
     info["pretrain"]["seconds"] = round(time.perf_counter() - t0, 1)
     with torch.no_grad():
         model.save_pretrained(out)

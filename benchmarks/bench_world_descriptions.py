@@ -1,0 +1,129 @@
+"""How well a freshly built tiny-world base describes objects it never saw, beside objects it saw.
+
+    python benchmarks/bench_world_descriptions.py                 # seeds 0 and 1, about 8 min per seed
+    python benchmarks/bench_world_descriptions.py --seeds 2 --photos 50
+
+The demo's recognition is asked in two turns: the base describes the photo ("A purple striped star."),
+then compares that with the concept. A concept's held-out photos can only be accepted as often as the
+base describes them right, so this measures the ceiling a base draw puts on the demo, for candidate demo
+objects. Per seed it builds a backbone as ``unipers world build`` does (image tokenizer, then AR
+pre-training: ``build_backbone``, the world's STEPS), holding out HELD_OUT (the demo object and six
+others spanning every shape, colour and pattern but dotted) from the training photos, the texts and the
+negatives. Then it describes fresh photos of each held-out object and of seen objects, and counts
+descriptions naming the colour, the pattern, the shape, and all three right.
+
+The build's bases are re-drawn by the seed here (and by any float-level change in practice: see
+"A re-rolled base" in benchmarks/README.md). Prints a markdown table; JSON in
+benchmarks/results/world_descriptions.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+RESULTS = Path(__file__).resolve().parent / "results"
+
+HELD_OUT = ("purple striped star", "green checkered triangle", "yellow striped circle", "white striped diamond",
+            "orange checkered square", "blue striped triangle", "red checkered circle")
+
+
+def parse_object(words: str):
+    from unipers.world.synth import WorldObject
+
+    colour, pattern, shape = words.split()
+    return WorldObject(shape, colour, pattern)
+
+
+def description_scores(descriptions, objects) -> dict:
+    """Share of descriptions naming each attribute of the true object, and all three."""
+    hits = {"colour": 0, "pattern": 0, "shape": 0, "all": 0}
+    for text, obj in zip(descriptions, objects):
+        words = text.lower().replace(".", " ").split()
+        ok = {k: v in words for k, v in obj.attributes().items()}
+        for k, v in ok.items():
+            hits[k] += v
+        hits["all"] += all(ok.values())
+    return {k: v / max(1, len(objects)) for k, v in hits.items()}
+
+
+def describe(path, images) -> list[str]:
+    """The saved backbone's own description of each (N, H, W, 3) uint8 photo, as text."""
+    import torch
+
+    from unipers.concepts.prompts import PromptBuilder
+    from unipers.models.backbone import ARBackbone
+    from unipers.models.unified import describe_images
+    from unipers.world.base import DESCRIBE_QUESTION, image_tokens, to_pixels
+
+    bb = ARBackbone.from_pretrained(path).eval()
+    prompts = PromptBuilder.for_backbone(bb, describe_question=DESCRIBE_QUESTION)
+    with torch.no_grad():
+        tokens = image_tokens(bb.model, to_pixels(images, bb.processor.image_processor))
+    return [bb.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in describe_images(bb, prompts, list(tokens))]
+
+
+def bench_seed(seed: int, held_out, photos: int, work: Path, quiet: bool) -> dict:
+    from unipers.world import build
+    from unipers.world.synth import render_many, sample_objects
+
+    objects = sample_objects(build.N_TRAIN, f"{seed}/train", exclude=held_out)
+    images = render_many(objects, f"{seed}/train")
+    t0 = time.perf_counter()
+    info = build.build_backbone(work / f"seed{seed}", objects, images, seed=seed, quiet=quiet, held_out=held_out)
+    seconds = time.perf_counter() - t0
+    rows = {}
+    seen = sample_objects(photos, f"descriptions/{seed}/seen", exclude=held_out)
+    for name, objs in [(str(o), [o] * photos) for o in held_out] + [("seen objects (fresh photos)", seen)]:
+        texts = describe(work / f"seed{seed}", render_many(objs, f"descriptions/{seed}/{name}"))
+        rows[name] = description_scores(texts, objs)
+        wrong = {}
+        for text, obj in zip(texts, objs):
+            if description_scores([text], [obj])["all"] < 1:
+                wrong[text] = wrong.get(text, 0) + 1
+        rows[name]["commonest_wrong"] = sorted(wrong.items(), key=lambda kv: -kv[1])[:2]
+    return {"seed": seed, "build_seconds": round(seconds, 1), "pretrain_final_loss": info["pretrain"]["final_loss"],
+            "rows": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--photos", type=int, default=100, help="photos described per object")
+    p.add_argument("--held-out", nargs="+", default=list(HELD_OUT), help='objects as "colour pattern shape"')
+    p.add_argument("--out", default=str(RESULTS / "world_descriptions.json"))
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    held_out = [parse_object(w) for w in args.held_out]
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            runs.append(bench_seed(seed, held_out, args.photos, Path(tmp), args.quiet))
+    names = list(runs[0]["rows"])
+    print(f"\nDescriptions right (colour / pattern / shape / all three), {args.photos} fresh photos per row\n")
+    print("| object | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for name in names:
+        cells = []
+        for r in runs:
+            s = r["rows"][name]
+            cells.append(f"{s['colour']:.2f} / {s['pattern']:.2f} / {s['shape']:.2f} / **{s['all']:.2f}**")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nBackbone build (s): " + ", ".join(f"seed {r['seed']} {r['build_seconds']}" for r in runs))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "photos": args.photos, "held_out": args.held_out,
+                               "runs": runs}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

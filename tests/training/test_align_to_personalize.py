@@ -50,4 +50,3 @@ def test_align_then_personalize_then_generate(prepared_concepts, tmp_path, tiny_
 def test_align_needs_pairs():
     with pytest.raises(ConfigError, match="data.pairs"):
         train(load_config([CONFIGS / "base.yaml"], ["stage=align"]))
-

@@ -25,6 +25,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +56,9 @@ def description_scores(descriptions, objects) -> dict:
     return {k: v / max(1, len(objects)) for k, v in hits.items()}
 
 
-def describe(path, images) -> list[str]:
-    """The saved backbone's own description of each (N, H, W, 3) uint8 photo, as text."""
+def describer(path):
+    """The saved backbone at ``path``, loaded once: a function from (N, H, W, 3) uint8 photos to its own
+    description of each, as text."""
     import torch
 
     from unipers.concepts.prompts import PromptBuilder
@@ -66,9 +68,14 @@ def describe(path, images) -> list[str]:
 
     bb = ARBackbone.from_pretrained(path).eval()
     prompts = PromptBuilder.for_backbone(bb, describe_question=DESCRIBE_QUESTION)
-    with torch.no_grad():
-        tokens = image_tokens(bb.model, to_pixels(images, bb.processor.image_processor))
-    return [bb.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in describe_images(bb, prompts, list(tokens))]
+
+    def describe(images) -> list[str]:
+        with torch.no_grad():
+            tokens = image_tokens(bb.model, to_pixels(images, bb.processor.image_processor))
+        return [bb.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                for ids in describe_images(bb, prompts, list(tokens))]
+
+    return describe
 
 
 def bench_seed(seed: int, held_out, photos: int, work: Path, quiet: bool) -> dict:
@@ -81,15 +88,13 @@ def bench_seed(seed: int, held_out, photos: int, work: Path, quiet: bool) -> dic
     info = build.build_backbone(work / f"seed{seed}", objects, images, seed=seed, quiet=quiet, held_out=held_out)
     seconds = time.perf_counter() - t0
     rows = {}
+    describe = describer(work / f"seed{seed}")
     seen = sample_objects(photos, f"descriptions/{seed}/seen", exclude=held_out)
     for name, objs in [(str(o), [o] * photos) for o in held_out] + [("seen objects (fresh photos)", seen)]:
-        texts = describe(work / f"seed{seed}", render_many(objs, f"descriptions/{seed}/{name}"))
+        texts = describe(render_many(objs, f"descriptions/{seed}/{name}"))
         rows[name] = description_scores(texts, objs)
-        wrong = {}
-        for text, obj in zip(texts, objs):
-            if description_scores([text], [obj])["all"] < 1:
-                wrong[text] = wrong.get(text, 0) + 1
-        rows[name]["commonest_wrong"] = sorted(wrong.items(), key=lambda kv: -kv[1])[:2]
+        wrong = Counter(t for t, o in zip(texts, objs) if description_scores([t], [o])["all"] < 1)
+        rows[name]["commonest_wrong"] = wrong.most_common(2)
     return {"seed": seed, "build_seconds": round(seconds, 1), "pretrain_final_loss": info["pretrain"]["final_loss"],
             "rows": rows}
 

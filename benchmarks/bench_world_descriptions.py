@@ -2,6 +2,7 @@
 
     python benchmarks/bench_world_descriptions.py                 # seeds 0 and 1, about 8 min per seed
     python benchmarks/bench_world_descriptions.py --seeds 2 --photos 50
+    python benchmarks/bench_world_descriptions.py --pretrain-steps 3000 --out benchmarks/results/world_descriptions_3000.json
 
 The demo's recognition is asked in two turns: the base describes the photo ("A purple striped star."),
 then compares that with the concept. A concept's held-out photos can only be accepted as often as the
@@ -95,7 +96,8 @@ def bench_seed(seed: int, held_out, photos: int, work: Path, quiet: bool) -> dic
         rows[name] = description_scores(texts, objs)
         wrong = Counter(t for t, o in zip(texts, objs) if description_scores([t], [o])["all"] < 1)
         rows[name]["commonest_wrong"] = wrong.most_common(2)
-    return {"seed": seed, "build_seconds": round(seconds, 1), "pretrain_final_loss": info["pretrain"]["final_loss"],
+    return {"seed": seed, "build_seconds": round(seconds, 1), "pretrain_steps": info["pretrain"]["steps"],
+            "pretrain_final_loss": info["pretrain"]["final_loss"],
             "rows": rows}
 
 
@@ -104,10 +106,15 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--photos", type=int, default=100, help="photos described per object")
     p.add_argument("--held-out", nargs="+", default=list(HELD_OUT), help='objects as "colour pattern shape"')
+    p.add_argument("--pretrain-steps", type=int, default=None, help="AR pre-training steps (default: the build's)")
     p.add_argument("--out", default=str(RESULTS / "world_descriptions.json"))
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     held_out = [parse_object(w) for w in args.held_out]
+    if args.pretrain_steps is not None:  # a recipe probe: the build's other settings stay
+        from unipers.world import build
+
+        build.STEPS = dict(build.STEPS, pretrain=args.pretrain_steps)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
@@ -126,6 +133,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "photos": args.photos, "held_out": args.held_out,
+                               "pretrain_steps": args.pretrain_steps,
                                "runs": runs}, indent=2) + "\n")
     return 0
 

@@ -37,3 +37,20 @@ def test_micro_run_holds_the_objects_out_and_scores_every_row(tmp_path, monkeypa
     assert list(run["rows"]) == [str(o) for o in held] + ["seen objects (fresh photos)"]
     for row in run["rows"].values():
         assert all(0.0 <= row[k] <= 1.0 for k in ("colour", "pattern", "shape", "all"))
+
+
+def test_command_line_sets_the_pretraining_steps_and_writes_json(tmp_path, monkeypatch, capsys):
+    import json
+
+    import bench_world_descriptions as bench
+
+    from unipers.world import build
+
+    monkeypatch.setattr(build, "STEPS", dict(build.STEPS, tokenizer=2, pretrain=2))
+    monkeypatch.setattr(build, "N_TRAIN", 40)
+    out = tmp_path / "d.json"
+    bench.main(["--seeds", "0", "--photos", "2", "--held-out", "purple striped star", "--pretrain-steps", "3",
+                "--out", str(out), "--quiet"])
+    result = json.loads(out.read_text())
+    assert result["pretrain_steps"] == 3 and [r["pretrain_steps"] for r in result["runs"]] == [3]
+    assert "| purple striped star |" in capsys.readouterr().out

@@ -1,6 +1,6 @@
 """How well a freshly built tiny-world base describes objects it never saw, beside objects it saw.
 
-    python benchmarks/bench_world_descriptions.py                 # seeds 0 and 1, about 8 min per seed
+    python benchmarks/bench_world_descriptions.py                 # seeds 0 and 1, about 10 min per seed
     python benchmarks/bench_world_descriptions.py --seeds 2 --photos 50
     python benchmarks/bench_world_descriptions.py --pretrain-steps 3000 --out benchmarks/results/world_descriptions_3000.json
 
@@ -30,8 +30,9 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "benchmarks"):  # the package, and bench_world_recognition beside this file
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 HELD_OUT = ("purple striped star", "green checkered triangle", "yellow striped circle", "white striped diamond",
@@ -58,17 +59,15 @@ def description_scores(descriptions, objects) -> dict:
 
 
 def describer(path):
-    """The saved backbone at ``path``, loaded once: a function from (N, H, W, 3) uint8 photos to its own
-    description of each, as text."""
+    """The saved backbone at ``path``, loaded once (``bench_world_recognition.load_backbone``): a function
+    from (N, H, W, 3) uint8 photos to its own description of each, as text."""
     import torch
 
-    from unipers.concepts.prompts import PromptBuilder
-    from unipers.models.backbone import ARBackbone
+    from bench_world_recognition import load_backbone
     from unipers.models.unified import describe_images
-    from unipers.world.base import DESCRIBE_QUESTION, image_tokens, to_pixels
+    from unipers.world.base import image_tokens, to_pixels
 
-    bb = ARBackbone.from_pretrained(path).eval()
-    prompts = PromptBuilder.for_backbone(bb, describe_question=DESCRIBE_QUESTION)
+    bb, prompts = load_backbone(path)
 
     def describe(images) -> list[str]:
         with torch.no_grad():

@@ -9,10 +9,10 @@
    - *stock, re-tokenized*: ``ChameleonForConditionalGeneration.forward`` (LM head at every position,
      image logits masked) and `weighted_answer_loss`, every text piece tokenized again (before the
      ``PromptBuilder`` text cache);
-   - *stock + text cache*: the same with the cache warm: what ``unipers world build`` runs;
-   - *selected head + text cache*: the LM head run at the labelled positions only (`selected_loss`
-     below: the same loss and gradients up to float rounding). Not used by the build: the rounding
-     re-rolls the base, and the demo's figures belong to this base (benchmarks/README.md).
+   - *stock + text cache*: the same with the cache warm (world-v5's build);
+   - *selected head + text cache*: the LM head run at the labelled positions only
+     (``base.selected_answer_loss``: the same loss and gradients up to float rounding): what
+     ``unipers world build`` runs since world-v6.
    Check: at the same weights the three losses agree to 1e-5.
 2. **align**: one align step of the world's decoder (connector + every UNet block trained, batch 32 of
    32 px pairs) reading PNGs and encoding them with the frozen VAE every step, vs reading
@@ -51,24 +51,6 @@ def _timed(fn) -> float:
 
 def _summary(times: list[float]) -> dict:
     return {"median_ms": round(statistics.median(times), 1), "fastest_ms": round(min(times), 1), "steps": len(times)}
-
-
-def selected_loss(model, ids, attention_mask, labels, first_weight: float, decision_weight: float):
-    """`weighted_answer_loss` of the stock forward's logits, the LM head run at labelled positions only."""
-    import torch
-    import torch.nn.functional as F
-
-    hidden = model.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
-    targets = labels[:, 1:]
-    mask = targets != -100
-    before = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
-    first = mask & ~before
-    weights = mask.float() + (first_weight - 1.0) * first.float()
-    weights = weights + (decision_weight - first_weight) * (first & (first.cumsum(1) == 2)).float()
-    logits = model.lm_head(hidden[mask])
-    image_tokens = torch.tensor(model.model.vocabulary_mapping.image_tokens)
-    logits = logits.index_fill(-1, image_tokens, torch.finfo(logits.dtype).min)
-    return (F.cross_entropy(logits.float(), targets[mask], reduction="none") * weights[mask]).sum() / weights.sum()
 
 
 def bench_pretrain(root: Path, steps: int) -> dict:
@@ -123,10 +105,10 @@ def bench_pretrain(root: Path, steps: int) -> dict:
 
     def selected_cached(batch):
         ids, mask, labels = batch_tensors(cached, batch)
-        return selected_loss(model, ids, mask, labels, 5.0, 20.0)
+        return base.selected_answer_loss(model, ids, mask, labels, 5.0, 20.0)
 
-    arms = {"stock forward, re-tokenized": stock(uncached), "stock forward + text cache (the build)": stock(cached),
-            "selected head + text cache": selected_cached}
+    arms = {"stock forward, re-tokenized": stock(uncached), "stock forward + text cache": stock(cached),
+            "selected head + text cache (the build)": selected_cached}
     with torch.no_grad():
         losses = {name: fn(examples[0]).item() for name, fn in arms.items()}
     ref = losses["stock forward, re-tokenized"]

@@ -148,3 +148,75 @@ def test_described_examples_have_the_layout_personalization_and_recognize_use(ba
     # pre-training's decision weight applies to the decision alone, not to the description's first token
     assert abs(bumped(decision, 20.0) / bumped(n1 + 1, 20.0) - 20.0) < 1e-3
     assert abs(bumped(n1, 20.0) / bumped(n1 + 1, 20.0) - 5.0) < 1e-3
+
+
+def _pretraining_batch(model, processor, objects, n=6, seed=0):
+    import random
+
+    from unipers.concepts.bank import ConceptBank
+    from unipers.concepts.prompts import PromptBuilder
+    from unipers.models.unified import pad_batch
+    from unipers.world.base import encode_example, image_tokens
+
+    prompts = PromptBuilder(processor.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
+                            boi_id=processor.image_start_token_id, eoi_id=processor.image_end_token_id)
+    tokens = image_tokens(model, to_pixels(render_many(objects, seed), processor.image_processor))
+    rng = random.Random(seed)
+    seqs, labs = zip(*[encode_example(prompts, world_example(o, rng), t) for o, t in zip(objects[:n], tokens)])
+    ids, mask = pad_batch(list(seqs), processor.tokenizer.pad_token_id)
+    labels, _ = pad_batch(list(labs), processor.tokenizer.pad_token_id, labels=True)
+    return prompts, tokens, ids, mask, labels
+
+
+def test_selected_head_loss_is_the_full_logits_loss(backbone_dir):
+    """Pre-training's LM head at labelled positions only gives the loss of the full forward's logits (whose
+    image-token columns transformers masks), and the same gradients, up to float rounding."""
+    from transformers import AutoProcessor, ChameleonForConditionalGeneration
+
+    from unipers.world.base import selected_answer_loss, weighted_answer_loss
+
+    model = ChameleonForConditionalGeneration.from_pretrained(backbone_dir)
+    processor = AutoProcessor.from_pretrained(backbone_dir)
+    _, _, ids, mask, labels = _pretraining_batch(model, processor, sample_objects(6, 2))
+    grads = []
+    for loss_fn in (lambda: weighted_answer_loss(model(input_ids=ids, attention_mask=mask).logits, labels, 5.0, 20.0),
+                    lambda: selected_answer_loss(model, ids, mask, labels, 5.0, 20.0)):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (full, g_full), (sel, g_sel) = grads
+    assert torch.allclose(full, sel, rtol=1e-5)
+    assert g_full.keys() == g_sel.keys() and len(g_full) > 10
+    for name in g_full:
+        assert torch.allclose(g_full[name], g_sel[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_pretraining_keeps_image_embeddings_a_map_of_the_codebook_and_saves_a_stock_model(backbone_dir, tmp_path):
+    """With ``codebook_map`` every image-token row ends as the same trained linear map of its code's vector,
+    text rows train freely, the VQ model is untouched, and the saved model reloads with identical rows."""
+    from transformers import AutoProcessor, ChameleonForConditionalGeneration
+
+    from unipers.world.base import _standardized_codebook, init_image_embeddings, pretrain_backbone
+
+    model = ChameleonForConditionalGeneration.from_pretrained(backbone_dir)
+    processor = AutoProcessor.from_pretrained(backbone_dir)
+    objects = sample_objects(8, 3)
+    prompts, tokens, *_ = _pretraining_batch(model, processor, objects, seed=3)
+    init_image_embeddings(model)
+    codes, ids = _standardized_codebook(model)
+    before = model.get_input_embeddings().weight.detach().clone()
+    vq_before = {n: p.detach().clone() for n, p in model.model.vqmodel.named_parameters()}
+    pretrain_backbone(model, prompts, tokens, objects, steps=4, batch_size=4, lr=1e-2, seed=0)
+    after = model.get_input_embeddings().weight.detach()
+    assert not list(model.named_parameters())[0][0].count("parametrizations")
+    assert not (after[ids] == before[ids]).all()  # the map trained
+    projection = torch.linalg.lstsq(codes, after[ids]).solution
+    assert torch.allclose(codes @ projection, after[ids], atol=1e-4)  # ...and the rows are still one map of the codes
+    text = torch.ones(len(after), dtype=torch.bool)
+    text[ids] = False
+    assert not torch.equal(after[text], before[text])
+    assert all(torch.equal(p, vq_before[n]) for n, p in model.model.vqmodel.named_parameters())
+    model.save_pretrained(tmp_path)
+    reloaded = ChameleonForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.get_input_embeddings().weight, after)

@@ -7,8 +7,9 @@ and a per-token regression of its patch's pixels (8x8 in the world: 16 tokens pe
 codebook is then fitted to the encoder's outputs by k-means. ``get_image_tokens`` of the saved model then
 gives meaningful codes through the unchanged transformers code path.
 
-The AR model's image-token embeddings start at the fitted codebook (``init_image_embeddings``). The
-pre-training texts use the same templates and layout as personalization (``unipers.data.samples``,
+The AR model's image-token embeddings start at the fitted codebook (``init_image_embeddings``) and stay
+one trained linear map of it during pre-training (``CodebookEmbeddings``), so a never-seen combination of
+seen attributes is read by the same map as the photos it was trained on. The pre-training texts use the same templates and layout as personalization (``unipers.data.samples``,
 ``PromptBuilder``). Recognition, the main task, is asked in two turns: the base describes the photo
 ("<image>\nWhat is in this photo?" -> "A purple striped star."), then is asked about a made-up name bound to
 a description in a prefix sentence ("zib is a purple striped star. Is zib in this photo?"), so a concept's
@@ -164,21 +165,26 @@ def train_image_tokenizer(model, pixels: Tensor, labels: Tensor, *, steps: int =
             "codebook_relative_error": rel_error, "tokens_per_image": tokens_side ** 2}
 
 
+def _standardized_codebook(model) -> tuple[Tensor, Tensor]:
+    """(codes, BPE ids): each VQ code's vector standardized per dimension, and its id in the vocabulary."""
+    vocab = model.model.vocabulary_mapping
+    codebook = model.model.vqmodel.quantize.embedding.weight.detach().float()
+    codes = (codebook - codebook.mean(0)) / codebook.std(0).clamp_min(1e-6)
+    return codes, torch.tensor([vocab.img2bpe[k] for k in range(codebook.shape[0])])
+
+
 @torch.no_grad()
 def init_image_embeddings(model, seed: int = 0) -> None:
     """Start the AR model's image-token embeddings at the VQ codebook: each code's vector, standardized per
     dimension, through a fixed random orthonormal map to the hidden size, at the table's scale. Codes that
     look alike then start alike. world-v5's own descriptions name the shape right 0.93 of the time; world-v4,
     from a random start, answered "What shape is the object?" right 0.37 (benchmarks/README.md)."""
-    vocab = model.model.vocabulary_mapping
-    codebook = model.model.vqmodel.quantize.embedding.weight.float()
-    codebook = (codebook - codebook.mean(0)) / codebook.std(0).clamp_min(1e-6)
+    codebook, ids = _standardized_codebook(model)
     table = model.get_input_embeddings().weight
     width = max(codebook.shape[1], table.shape[1])
     q, _ = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(seed)))
     rows = codebook @ q[: codebook.shape[1], : table.shape[1]]
     rows = rows / rows.std() * table.float().std()
-    ids = torch.tensor([vocab.img2bpe[k] for k in range(codebook.shape[0])])
     table[ids] = rows.to(table.dtype)
 
 
@@ -368,18 +374,67 @@ def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float,
     return (loss * weights).sum() / weights.sum()
 
 
+class CodebookEmbeddings(nn.Module):
+    """Parametrization of the input embedding table whose image-token rows are a trained linear map of the
+    (standardized) VQ codebook: ``rows = codes @ map``, the other rows the table's own.
+
+    A row per code, trained freely, learns only from the photos that use that code: codes that occur
+    mostly in one object's photos end up meaning that object, and a never-seen combination of seen
+    attributes is read as a seen near-miss. One map shared by every code keeps codes that look alike
+    reading alike. ``torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)``
+    writes the rows back, so the saved model is a stock Chameleon."""
+
+    def __init__(self, codes: Tensor, ids: Tensor, projection: Tensor):
+        super().__init__()
+        self.register_buffer("codes", codes, persistent=False)
+        self.register_buffer("ids", ids, persistent=False)
+        self.projection = nn.Parameter(projection.clone())
+
+    def forward(self, table: Tensor) -> Tensor:
+        return table.index_copy(0, self.ids, (self.codes @ self.projection).to(table.dtype))
+
+
+def selected_answer_loss(model, ids: Tensor, mask: Tensor, labels: Tensor, first_weight: float,
+                         decision_weight: Optional[float] = None) -> Tensor:
+    """``weighted_answer_loss`` of ``model(ids).logits`` with the LM head applied at labelled positions only
+    (about a tenth of a world batch's positions: the head is most of a 4-layer base's step). Image tokens
+    are never predicted, as in ``ChameleonForConditionalGeneration.forward``."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    before = torch.cat([torch.zeros_like(keep[:, :1]), keep[:, :-1]], 1)
+    first = keep & ~before
+    weights = keep.float() + (first_weight - 1.0) * first.float()
+    if decision_weight is not None:
+        weights = weights + (decision_weight - first_weight) * (first & (first.cumsum(1) == 2)).float()
+    logits = model.lm_head(hidden[keep]).float()
+    logits[:, model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
+    loss = F.cross_entropy(logits, targets[keep], reduction="none")
+    return (loss * weights[keep]).sum() / weights.sum()
+
+
 def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObject], *, steps: int = 800,
                       batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, first_weight: float = 5.0,
-                      decision_weight: float = 20.0,
+                      decision_weight: float = 20.0, codebook_map: bool = True,
                       held_out: Sequence[WorldObject] = (), seed: int = 0, progress: Progress | None = None) -> dict:
     """Train every weight of the HF Chameleon ``model`` except its VQ model on ``world_example`` texts.
 
     ``prompts``: a PromptBuilder over the model's tokenizer (plain mode: no concepts). ``tokens`` (N, T)
-    image ids of photos of ``objects``."""
+    image ids of photos of ``objects``. ``codebook_map``: image-token embeddings as one trained map of the
+    codebook (``CodebookEmbeddings``) rather than free rows."""
+    from torch.nn.utils import parametrize
+
     from unipers.models.unified import pad_batch
 
     rng = random.Random(f"pretrain/{seed}")
     torch.manual_seed(seed)
+    embeddings = model.get_input_embeddings()
+    if codebook_map:
+        codes, code_ids = _standardized_codebook(model)
+        table = embeddings.weight.detach()
+        # least squares from the codes to their current rows (init_image_embeddings' map, if it ran)
+        start = torch.linalg.lstsq(codes, table[code_ids].float()).solution
+        parametrize.register_parametrization(embeddings, "weight", CodebookEmbeddings(codes, code_ids, start))
     params = [p for n, p in model.named_parameters() if ".vqmodel." not in f".{n}"]
     for p in params:
         p.requires_grad_(True)
@@ -402,8 +457,7 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
             labs.append(labels)
         ids, mask = pad_batch(seqs, pad)
         labels, _ = pad_batch(labs, pad, labels=True)
-        loss = weighted_answer_loss(model(input_ids=ids, attention_mask=mask).logits, labels, first_weight,
-                                    decision_weight)
+        loss = selected_answer_loss(model, ids, mask, labels, first_weight, decision_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -413,6 +467,8 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
         if progress:
             progress(step, {"loss": ema})
     model.eval()
-    for p in params:
+    if codebook_map:
+        parametrize.remove_parametrizations(embeddings, "weight", leave_parametrized=True)
+    for p in model.parameters():
         p.requires_grad_(False)
     return {"final_loss": ema, "steps": steps}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_ROOT = REPO / "checkpoints" / "world"
-WORLD_VERSION = "world-v5"
+WORLD_VERSION = "world-v6"
 SEED = 0
 N_TRAIN = 4000  # photos the base models learn from
 N_CLASSIFIER_HELD = 600

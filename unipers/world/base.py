@@ -9,8 +9,8 @@ gives meaningful codes through the unchanged transformers code path.
 
 The AR model's image-token embeddings start at the fitted codebook (``init_image_embeddings``) and stay
 one trained linear map of it during pre-training (``CodebookEmbeddings``), so a never-seen combination of
-seen attributes is read by the same map as the photos it was trained on. The pre-training texts use the same templates and layout as personalization (``unipers.data.samples``,
-``PromptBuilder``). Recognition, the main task, is asked in two turns: the base describes the photo
+seen attributes is read by the same map as the photos it was trained on. The pre-training texts use the
+same templates and layout as personalization (``unipers.data.samples``, ``PromptBuilder``). Recognition, the main task, is asked in two turns: the base describes the photo
 ("<image>\nWhat is in this photo?" -> "A purple striped star."), then is asked about a made-up name bound to
 a description in a prefix sentence ("zib is a purple striped star. Is zib in this photo?"), so a concept's
 soft tokens later stand where the description stood (``backbone.describe_first`` in configs/world.yaml).
@@ -363,15 +363,20 @@ def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float,
     answered No to every photo after 2,000 steps; with every answer's first token at 5x it compared one
     attribute; 20x on the decision, with partial descriptions, taught more than one (benchmarks/README.md)."""
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    mask = targets != -100
     loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    _, weights = _answer_weights(targets, first_weight, decision_weight)
+    return (loss * weights).sum() / weights.sum()
+
+
+def _answer_weights(targets: Tensor, first_weight: float, decision_weight: Optional[float]) -> tuple[Tensor, Tensor]:
+    """(labelled mask, per-position weights) of shifted ``targets``: ``weighted_answer_loss``'s weighting."""
+    mask = targets != -100
     before = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
     first = mask & ~before
-    second = first & (first.cumsum(1) == 2)
     weights = mask.float() + (first_weight - 1.0) * first.float()
     if decision_weight is not None:
-        weights = weights + (decision_weight - first_weight) * second.float()
-    return (loss * weights).sum() / weights.sum()
+        weights = weights + (decision_weight - first_weight) * (first & (first.cumsum(1) == 2)).float()
+    return mask, weights
 
 
 class CodebookEmbeddings(nn.Module):
@@ -401,12 +406,7 @@ def selected_answer_loss(model, ids: Tensor, mask: Tensor, labels: Tensor, first
     are never predicted, as in ``ChameleonForConditionalGeneration.forward``."""
     hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
-    keep = targets != -100
-    before = torch.cat([torch.zeros_like(keep[:, :1]), keep[:, :-1]], 1)
-    first = keep & ~before
-    weights = keep.float() + (first_weight - 1.0) * first.float()
-    if decision_weight is not None:
-        weights = weights + (decision_weight - first_weight) * (first & (first.cumsum(1) == 2)).float()
+    keep, weights = _answer_weights(targets, first_weight, decision_weight)
     logits = model.lm_head(hidden[keep]).float()
     logits[:, model.model.vocabulary_mapping.image_tokens] = torch.finfo(logits.dtype).min
     loss = F.cross_entropy(logits, targets[keep], reduction="none")

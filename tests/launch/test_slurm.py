@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -278,6 +279,10 @@ def test_sigusr1_saves_requeues_and_resumes_to_identical_rows(ddp_run, job_env, 
     # be gone before skipping the ~120 s BeginTime that normally keeps the two apart.
     wait_for(lambda: subprocess.run(["pgrep", "-f", f"{run}/config.yaml"], capture_output=True).returncode != 0, 60,
              "the killed tasks to exit")
+    # slurmd revokes the killed run's credential at whole-second resolution: a relaunch within the same
+    # second is refused ("Killing non-startable batch JobId=...: Job credential revoked") and the job ends
+    # FAILED. Seen once in CI; two seconds keep the relaunch's credential newer than the revocation.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
     states = wait_job(job_id, run)
     log = logs_of(run)

@@ -193,7 +193,7 @@ def test_selected_head_loss_is_the_full_logits_loss(backbone_dir):
 
 
 def test_pretraining_keeps_image_embeddings_a_map_of_the_codebook_and_saves_a_stock_model(backbone_dir, tmp_path):
-    """With ``codebook_map`` every image-token row ends as the same trained linear map of its code's vector,
+    """After pre-training every image-token row is the same trained linear map of its code's vector,
     text rows train freely, the VQ model is untouched, and the saved model reloads with identical rows."""
     from transformers import AutoProcessor, ChameleonForConditionalGeneration
 

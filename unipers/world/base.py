@@ -10,10 +10,11 @@ gives meaningful codes through the unchanged transformers code path.
 The AR model's image-token embeddings start at the fitted codebook (``init_image_embeddings``) and stay
 one trained linear map of it during pre-training (``CodebookEmbeddings``), so a never-seen combination of
 seen attributes is read by the same map as the photos it was trained on. The pre-training texts use the
-same templates and layout as personalization (``unipers.data.samples``, ``PromptBuilder``). Recognition, the main task, is asked in two turns: the base describes the photo
-("<image>\nWhat is in this photo?" -> "A purple striped star."), then is asked about a made-up name bound to
-a description in a prefix sentence ("zib is a purple striped star. Is zib in this photo?"), so a concept's
-soft tokens later stand where the description stood (``backbone.describe_first`` in configs/world.yaml).
+same templates and layout as personalization (``unipers.data.samples``, ``PromptBuilder``). Recognition,
+the main task, is asked in two turns: the base describes the photo ("<image>\nWhat is in this photo?" ->
+"A purple striped star."), then is asked about a made-up name bound to a description in a prefix sentence
+("zib is a purple striped star. Is zib in this photo?"), so a concept's soft tokens later stand where the
+description stood (``backbone.describe_first`` in configs/world.yaml).
 """
 
 from __future__ import annotations
@@ -415,13 +416,13 @@ def selected_answer_loss(model, ids: Tensor, mask: Tensor, labels: Tensor, first
 
 def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObject], *, steps: int = 800,
                       batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, first_weight: float = 5.0,
-                      decision_weight: float = 20.0, codebook_map: bool = True,
+                      decision_weight: float = 20.0,
                       held_out: Sequence[WorldObject] = (), seed: int = 0, progress: Progress | None = None) -> dict:
     """Train every weight of the HF Chameleon ``model`` except its VQ model on ``world_example`` texts.
 
     ``prompts``: a PromptBuilder over the model's tokenizer (plain mode: no concepts). ``tokens`` (N, T)
-    image ids of photos of ``objects``. ``codebook_map``: image-token embeddings as one trained map of the
-    codebook (``CodebookEmbeddings``) rather than free rows."""
+    image ids of photos of ``objects``. The image-token embeddings train as one map of the codebook
+    (``CodebookEmbeddings``), written back into the table at the end."""
     from torch.nn.utils import parametrize
 
     from unipers.models.unified import pad_batch
@@ -429,12 +430,10 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
     rng = random.Random(f"pretrain/{seed}")
     torch.manual_seed(seed)
     embeddings = model.get_input_embeddings()
-    if codebook_map:
-        codes, code_ids = _standardized_codebook(model)
-        table = embeddings.weight.detach()
-        # least squares from the codes to their current rows (init_image_embeddings' map, if it ran)
-        start = torch.linalg.lstsq(codes, table[code_ids].float()).solution
-        parametrize.register_parametrization(embeddings, "weight", CodebookEmbeddings(codes, code_ids, start))
+    codes, code_ids = _standardized_codebook(model)
+    # the map starts by least squares from the codes to their current rows (init_image_embeddings' map)
+    start = torch.linalg.lstsq(codes, embeddings.weight.detach()[code_ids].float()).solution
+    parametrize.register_parametrization(embeddings, "weight", CodebookEmbeddings(codes, code_ids, start))
     params = [p for n, p in model.named_parameters() if ".vqmodel." not in f".{n}"]
     for p in params:
         p.requires_grad_(True)
@@ -467,8 +466,7 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
         if progress:
             progress(step, {"loss": ema})
     model.eval()
-    if codebook_map:
-        parametrize.remove_parametrizations(embeddings, "weight", leave_parametrized=True)
+    parametrize.remove_parametrizations(embeddings, "weight", leave_parametrized=True)
     for p in model.parameters():
         p.requires_grad_(False)
     return {"final_loss": ema, "steps": steps}

@@ -1,6 +1,6 @@
 """`unipers demo` end to end on the tiny world, with the numbers printed.
 
-Builds the world base under checkpoints/world on first use (about 15 minutes on 2 cores; cached after),
+Builds the world base under checkpoints/world on first use (about 17 minutes on 2 cores; cached after),
 then runs the demo once for every test here.
 """
 

@@ -338,8 +338,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    run_demo(args.out, root=args.root, settings=DemoSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-                                                         quiet=args.quiet))
+    settings = DemoSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
+    run_demo(args.out, root=args.root, settings=settings)
     print((Path(args.out) / "report.md").read_text())
     print(f"written to {Path(args.out).absolute()}")
     return 0

@@ -79,7 +79,7 @@ def test_held_out_recognition_rises_from_about_half_to_090(demo):
     """Held-out weighted recognition (`unipers eval`, 24 photos of <bo>, 24 negatives of which 14 are
     near-misses) rises from the untrained concept's to at least 0.9, and at least three of four near-misses
     (objects sharing two of its three attributes) are rejected: the concept compares more than one attribute.
-    (world-v6 with seed 0 rejects 11 of the 14; world-v5 rejected 13, with positives at 22 of 24, not 23.)"""
+    (world-v6, 2,400 steps: seed 0 rejects 13 of the 14, seed 1 rejects 10; 3,600 steps rejected 11 with seed 0.)"""
     _, report = demo
     before, after = report["results"]["before"]["eval"], report["results"]["after"]["eval"]
     assert before["recognition/weighted"] <= 0.7, "the untrained concept should not already recognize it"

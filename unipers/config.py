@@ -178,10 +178,16 @@ class TrainerConfig:
     """torch.compile the frozen backbone's decoder layers."""
     progress_bar: bool = True
     """Console progress bar."""
+    cpu_threads: int = 0
+    """Intra-op threads when training on CPU: 0 = one for a model under 50M parameters (its ops are too
+    small to share between cores, and shared they stall whenever another process holds a core), torch's
+    default above; N = exactly N (unipers.runtime)."""
 
     def __post_init__(self) -> None:
         _check_choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
         _check_choice("trainer.logger", self.logger, ("csv", "tensorboard", "wandb"))
+        if self.cpu_threads < 0:
+            raise ConfigError(f"trainer.cpu_threads must be 0 (auto) or positive, not {self.cpu_threads}")
 
 
 @dataclass

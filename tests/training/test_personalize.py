@@ -213,3 +213,27 @@ def test_compiled_backbone_trains_the_same_rows(prepared_concepts, tmp_path, tin
         runs.append(rows(train(cfg)))
     for key in runs[0]:
         assert torch.allclose(runs[0][key], runs[1][key], atol=1e-6), key
+
+
+class ThreadCounts(L.Callback):
+    def __init__(self):
+        self.seen = set()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.seen.add(torch.get_num_threads())
+
+
+def test_a_small_model_trains_on_one_cpu_thread_unless_told(prepared_concepts, tmp_path, tiny_dirs):
+    """trainer.cpu_threads=0 (auto) gives a tiny model one thread during the run, whatever the process had,
+    and puts the process's count back afterwards; a positive value is taken as it is."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for setting, expected in (("0", {1}), ("2", {2})):
+            seen = ThreadCounts()
+            train(cfg_for("personalize.yaml", tmp_path / setting, prepared_concepts[:1], "trainer.max_steps=2",
+                          "trainer.accelerator=cpu", f"trainer.cpu_threads={setting}"), [seen])
+            assert seen.seen == expected
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

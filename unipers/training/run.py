@@ -137,6 +137,20 @@ def build_trainer(cfg, run_dir: Path, callbacks: list, validate: bool = True):
     )
 
 
+def cpu_threads_for_run(cfg, model):
+    """``trainer.cpu_threads`` applied for the run when it trains on the CPU (unipers.runtime)."""
+    import contextlib
+
+    import torch
+
+    from unipers.runtime import cpu_threads, threads_for
+
+    accel = cfg.trainer.accelerator
+    if accel not in ("cpu", "auto") or (accel == "auto" and torch.cuda.is_available()):
+        return contextlib.nullcontext()
+    return cpu_threads(threads_for(cfg.trainer.cpu_threads, sum(p.numel() for p in model.parameters())))
+
+
 def train(cfg, callbacks: Sequence = ()) -> Path:
     from unipers.training.callbacks import SlurmRequeue, in_slurm_step
 
@@ -192,7 +206,8 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
         raise FileExistsError(f"{run_dir} holds a finished align run; use a new run_dir, or ckpt_path=last")
     write_run_info(cfg, run_dir, model.fingerprints)
     trainer = build_trainer(cfg, run_dir, list(extra_callbacks), validate=False)
-    trainer.fit(module, datamodule=Pairs(), ckpt_path=ckpt)
+    with cpu_threads_for_run(cfg, model):
+        trainer.fit(module, datamodule=Pairs(), ckpt_path=ckpt)
     if trainer.is_global_zero:
         module.save_connector(out)
         if a.train_decoder != "none":
@@ -209,15 +224,12 @@ def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:
     from unipers.data.augment import ViewSpec
     from unipers.data.datamodule import ConceptDataModule
     from unipers.models.unified import UnifiedModel
-    from unipers.training.callbacks import ConceptFiles, ValidationSamples
-    from unipers.training.personalize import PersonalizeModule
     from unipers.training.schedule import Schedule
 
     if not cfg.data.concepts:
         raise ConfigError("data.concepts is empty: give folders written by `unipers prepare`, "
                           "e.g. data.concepts=[data/bo]")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    run_dir = Path(cfg.run_dir)
     p, t = cfg.personalize, cfg.trainer
     schedule = Schedule(p.schedule, t.max_steps, warmup_steps=p.warmup_steps, lr_schedule=p.lr_schedule)
     data = ConceptDataModule(cfg.data.concepts, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
@@ -229,6 +241,15 @@ def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:
     for concept in data.concepts:
         model.add_concept(concept["name"], concept.get("class_word"), init=cfg.bank.init,
                           init_noise=cfg.bank.init_noise, seed=cfg.seed)
+    with cpu_threads_for_run(cfg, model):  # the cached descriptions and tokens round as training does
+        return _fit_personalize(cfg, model, data, schedule, extra_callbacks)
+
+
+def _fit_personalize(cfg, model, data, schedule, extra_callbacks: Sequence) -> Path:
+    from unipers.training.callbacks import ConceptFiles, ValidationSamples
+    from unipers.training.personalize import PersonalizeModule
+
+    run_dir, p, t = Path(cfg.run_dir), cfg.personalize, cfg.trainer
     data.attach(model)
     if t.compile:
         for layer in model.backbone.model.model.layers:

@@ -81,3 +81,74 @@ def test_world_align_on_cached_latents_ends_where_per_batch_encoding_ends(micro,
     assert len(list((pairs / "cache").glob("latents-*.safetensors"))) == 1
     assert ends[True].keys() == ends[False].keys()
     assert all(torch.equal(ends[True][k], ends[False][k]) for k in ends[True])
+
+
+def _weights(root):
+    from safetensors.torch import load_file
+
+    return {str(f.relative_to(root)): load_file(f) for f in sorted(root.rglob("*.safetensors")) if "cache" not in f.parts}
+
+
+def test_the_build_uses_its_own_thread_count_whatever_the_process_has(micro, tmp_path):
+    """Every stage runs at build.THREADS: a process with one thread and one with two build the same bits
+    (thread counts split float sums differently), and the process's count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    seen = []
+    real = micro.build_classifier
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    micro.build_classifier = spy
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            micro.build_world(tmp_path / f"t{n}", quiet=True)
+            assert torch.get_num_threads() == n
+    finally:
+        micro.build_classifier = real
+        torch.set_num_threads(before)
+    assert seen == [micro.THREADS, micro.THREADS]
+    a, b = _weights(tmp_path / "t1"), _weights(tmp_path / "t2")
+    assert a.keys() == b.keys() and len(a) >= 5
+    assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
+    info = json.loads((tmp_path / "t1" / "world.json").read_text())
+    assert info["cpu"]["threads"] == micro.THREADS and info["cpu"]["torch_capability"]
+
+
+def test_a_world_seed_is_another_draw_and_a_built_world_keeps_its_own(micro, tmp_path):
+    import torch
+
+    micro.build_world(tmp_path / "w0", quiet=True)
+    micro.build_world(tmp_path / "w1", quiet=True, seed=1)
+    assert json.loads((tmp_path / "w1" / "world.json").read_text())["seed"] == 1
+    a, b = _weights(tmp_path / "w0"), _weights(tmp_path / "w1")
+    backbone = "backbone/model.safetensors"
+    assert any(not torch.equal(a[backbone][k], b[backbone][k]) for k in a[backbone])
+    assert micro.build_world(tmp_path / "w1", quiet=True) == (tmp_path / "w1").absolute()  # reused as it is
+    with pytest.raises(FileExistsError, match="seed 1, not 0"):
+        micro.build_world(tmp_path / "w1", quiet=True, seed=0)
+
+
+def test_a_part_built_world_of_another_version_is_refused_not_relabelled(micro, tmp_path):
+    """An older build's stages are not taken for this version's: the folder is left as it is."""
+    root = tmp_path / "old"
+    root.mkdir()
+    old = json.dumps({"backbone": {"seconds": 1.0}}) + "\n"  # an older build's record: stages only
+    (root / "stages.json").write_text(old)
+    with pytest.raises(FileExistsError, match="--force"):
+        micro.build_world(root, quiet=True)
+    assert sorted(p.name for p in root.iterdir()) == ["stages.json"]
+    assert (root / "stages.json").read_text() == old
+
+
+def test_force_deletes_only_a_world_folder(micro, tmp_path):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_bytes(b"\\documentclass{article}\n")
+    with pytest.raises(FileExistsError, match="not a world folder"):
+        micro.build_world(mine, force=True, quiet=True)
+    assert (mine / "thesis.tex").read_bytes() == b"\\documentclass{article}\n"

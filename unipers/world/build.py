@@ -27,8 +27,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WORLD_ROOT = REPO / "checkpoints" / "world"
-WORLD_VERSION = "world-v6"
+WORLD_VERSION = "world-v7"
 SEED = 0
+THREADS = 1
+"""Intra-op threads of every stage: the same count on every machine, so a base is bitwise the same on a
+given CPU whatever its core count, and a busy machine does not stall it (unipers.runtime)."""
 N_TRAIN = 4000  # photos the base models learn from
 N_CLASSIFIER_HELD = 600
 
@@ -205,7 +208,8 @@ def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool) -> dict:
         "connector.path=null",
         f"trainer.max_steps={STEPS['align']}", "trainer.lr=0.001", "trainer.weight_decay=0.0",
         "trainer.checkpoint_every=500", "trainer.val_every=0", "trainer.log_every=25",
-        f"trainer.progress_bar={not quiet}", "trainer.accelerator=cpu", "align.train_decoder=blocks",
+        f"trainer.progress_bar={not quiet}", "trainer.accelerator=cpu", f"trainer.cpu_threads={THREADS}",
+        "align.train_decoder=blocks",
         f"align.unfreeze_blocks=[{','.join(blocks)}]", "align.warmup_steps=50", "align.caption_dropout=0.1",
         # Latents encoded once into pairs/cache/ (the default, spelled out): the VAE gives each image the same
         # latents in a chunk of 32 as in a shuffled batch of 32, so align ends bitwise where per-batch
@@ -240,22 +244,44 @@ def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool) -> 
 
 
 def build_world(root: str | os.PathLike | None = None, *, force: bool = False, quiet: bool = False,
-                seed: int = SEED) -> Path:
-    """Build (or finish building) the tiny world under ``root``; returns the root."""
-    from unipers.io import atomic_directory
+                seed: int | None = None) -> Path:
+    """Build (or finish building) the tiny world under ``root`` from world seed ``seed`` (its photos and every
+    stage's initialisation and noise; default ``SEED``); returns the root. A built world is reused when
+    ``seed`` is None or its own."""
+    from unipers.runtime import cpu_threads
 
     root = world_root(root).absolute()
     if force and root.exists():
+        if any(root.iterdir()) and not any((root / f).is_file() for f in ("world.json", "stages.json")):
+            raise FileExistsError(f"{root}: not a world folder (no world.json or stages.json); --force deletes "
+                                  "only a world that unipers built")
         shutil.rmtree(root)
     if is_built(root):
+        built = json.loads((root / "world.json").read_text()).get("seed")
+        if seed is not None and built != seed:
+            raise FileExistsError(f"{root} holds the world of seed {built}, not {seed}: use another --root, or --force")
         return root
+    with cpu_threads(THREADS):
+        _build_stages(root, SEED if seed is None else seed, quiet)
+    return root
+
+
+def _build_stages(root: Path, seed: int, quiet: bool) -> None:
+    from unipers.io import atomic_directory
+    from unipers.runtime import cpu_description
+
     root.mkdir(parents=True, exist_ok=True)
     stages_file = root / "stages.json"
-    stages = json.loads(stages_file.read_text()) if stages_file.is_file() else {}
+    record = json.loads(stages_file.read_text()) if stages_file.is_file() else {"version": WORLD_VERSION, "seed": seed}
+    if (record.get("version"), record.get("seed")) != (WORLD_VERSION, seed):
+        raise FileExistsError(
+            f"{stages_file}: a part-built {record.get('version', 'older')} world of seed {record.get('seed')}, not "
+            f"{WORLD_VERSION} of seed {seed}: rebuild with `unipers world build --force`, or use another --root")
+    stages = record.setdefault("stages", {})
 
     def done(name: str, info: dict) -> None:
         stages[name] = info
-        stages_file.write_text(json.dumps(stages, indent=2) + "\n")
+        stages_file.write_text(json.dumps(record, indent=2) + "\n")
 
     t_start = time.perf_counter()
     objects, images = training_photos(seed)
@@ -284,9 +310,8 @@ def build_world(root: str | os.PathLike | None = None, *, force: bool = False, q
     obj = demo_object()
     info = {"version": WORLD_VERSION, "seed": seed, "held_out_object": obj.attributes(),
             "train_photos": N_TRAIN, "backbone": BACKBONE, "decoder": DECODER, "steps": STEPS, "stages": stages,
-            "seconds_this_call": round(time.perf_counter() - t_start, 1)}
+            "cpu": cpu_description(), "seconds_this_call": round(time.perf_counter() - t_start, 1)}
     (root / "world.json").write_text(json.dumps(info, indent=2) + "\n")
-    return root
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -295,13 +320,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="train the tiny world's base models (cached; resumes a killed build)")
     b.add_argument("--root", default=None, help=f"where to build (default {WORLD_ROOT}, or $UNIPERS_WORLD_DIR)")
+    b.add_argument("--seed", type=int, default=None,
+                   help=f"world seed: another draw of the photos and of every stage's initialisation (default {SEED})")
     b.add_argument("--force", action="store_true", help="delete and rebuild from scratch")
     b.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    root = build_world(args.root, force=args.force, quiet=args.quiet)
+    root = build_world(args.root, force=args.force, quiet=args.quiet, seed=args.seed)
     info = json.loads((root / "world.json").read_text())
     print(f"tiny world ready: {root} ({time.perf_counter() - t0:.0f} s)")
     for name, stage in info["stages"].items():

@@ -115,12 +115,13 @@ def prepare(photos: Path, out: Path, seed: int) -> Path:
 # ---- training -------------------------------------------------------------------------------------------
 
 def demo_config(root: Path, out: Path, s: DemoSettings):
-    from unipers.world.build import world_config
+    from unipers.world.build import THREADS, world_config
 
     return world_config(root, [
         f"seed={s.seed}", f"run_dir={out / 'run'}", f"data.concepts=[{out / 'data' / NAME}]",
         f"data.batch_size={s.batch_size}", f"trainer.max_steps={s.steps}", f"trainer.lr={s.lr}",
-        "trainer.weight_decay=0.0", "trainer.accelerator=cpu", f"trainer.val_every={max(1, s.steps // 3)}",
+        "trainer.weight_decay=0.0", "trainer.accelerator=cpu", f"trainer.cpu_threads={THREADS}",
+        f"trainer.val_every={max(1, s.steps // 3)}",
         f"trainer.checkpoint_every={max(1, s.steps // 3)}", "trainer.log_every=10",
         f"trainer.progress_bar={not s.quiet}", "personalize.warmup_steps=10",
         # facts are a handful of sentences: sample them more often than the default mix does
@@ -212,16 +213,24 @@ def held_out_eval(cfg, session, concept_file: Path, data: Path, out: Path) -> di
 # ---- the whole loop -------------------------------------------------------------------------------------
 
 def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settings: DemoSettings | None = None) -> dict:
+    from unipers.runtime import cpu_threads
+    from unipers.world.build import THREADS
+
+    with cpu_threads(THREADS):  # the world's own thread count: the same numbers whatever the core count
+        return _run_demo(Path(out), root, settings or DemoSettings())
+
+
+def _run_demo(out: Path, root: str | Path | None, s: DemoSettings) -> dict:
     import torch
 
     from unipers.config import to_yaml
     from unipers.inference.session import InferenceSession
     from unipers.training.run import train
     from unipers.world.build import build_world, demo_object, world_root
+    from unipers.runtime import cpu_description
     from unipers.world.decoder import load_classifier
 
-    s = settings or DemoSettings()
-    out = Path(out).absolute()
+    out = out.absolute()
     t = s.timings
     t0 = time.perf_counter()
     _say("[1/7] tiny world base: build or reuse", s.quiet)
@@ -266,8 +275,10 @@ def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settin
     t["total"] = time.perf_counter() - t0
 
     _say("[7/7] report", s.quiet)
+    world = json.loads((root / "world.json").read_text())
     report = {"concept": f"<{NAME}>", "object": demo_object().attributes(), "class_word": demo_object().shape,
-              "world": str(root), "settings": {k: v for k, v in vars(s).items() if k != "timings"},
+              "world": str(root), "world_seed": world["seed"], "world_version": world["version"],
+              "cpu": cpu_description(), "settings": {k: v for k, v in vars(s).items() if k != "timings"},
               "photos": {k: len(v) for k, v in photos.items()}, "results": results,
               "seconds": {k: round(v, 1) for k, v in t.items()}}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -322,7 +333,10 @@ def format_report(r: dict) -> str:
     lines += [f"| Describe this image. (a test photo) | {b['caption_of_test_photo']} | {a['caption_of_test_photo']} |",
               f"| Is <{NAME}> in this photo? (a test photo) | {b['recognize_answer']} | {a['recognize_answer']} |", "",
               "Images: `images/grid_after.png`, `images/grid_before.png`, `images/grid_class_word.png`.", "",
-              "Time (s): " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()), ""]
+              "Time (s): " + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()), "",
+              f"Base: {r['world_version']}, world seed {r['world_seed']}. CPU: {r['cpu']['model']} "
+              f"(torch kernels {r['cpu']['torch_capability']}, {r['cpu']['threads']} thread(s)); another CPU "
+              "rounds differently and trains a different base (benchmarks/README.md gives the spread).", ""]
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """`unipers world build` at micro size: every stage runs, a killed build resumes at its stage, and the
-result loads through the same config path the demo uses."""
+result loads through the same config path the demo uses. The decoder side trains in a second process,
+which takes the build's settings as arguments (the micro fixture's too)."""
 
 import json
 
@@ -20,20 +21,28 @@ def test_killed_build_resumes_at_its_stage_and_loads(micro, tmp_path, monkeypatc
     root = tmp_path / "world"
 
     def killed(*args, **kwargs):
-        raise KeyboardInterrupt("killed during the decoder stage")
+        raise KeyboardInterrupt("killed during the backbone stage")
 
-    real = micro.build_decoder
-    monkeypatch.setattr(micro, "build_decoder", killed)
+    real, real_align = micro.build_backbone, micro.run_world_align
+    monkeypatch.setattr(micro, "build_backbone", killed)
     with pytest.raises(KeyboardInterrupt):
         micro.build_world(root, quiet=True)
-    assert (root / "backbone" / "config.json").is_file()
-    assert not (root / "decoder").exists() and not (root / "world.json").exists()
+    assert not (root / "backbone").exists() and not (root / "world.json").exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "a half-written stage was left behind"
-    weights = (root / "backbone" / "model.safetensors").stat().st_mtime_ns
 
-    monkeypatch.setattr(micro, "build_decoder", real)
+    monkeypatch.setattr(micro, "build_backbone", real)
+    monkeypatch.setattr(micro, "run_world_align", killed)
+    with pytest.raises(KeyboardInterrupt):
+        micro.build_world(root, quiet=True)
+    assert (root / "backbone" / "config.json").is_file() and (root / "decoder" / "model_index.json").is_file()
+    assert not (root / "align").exists() and not (root / "world.json").exists()
+    done = {p: p.stat().st_mtime_ns for p in (root / "backbone" / "model.safetensors",
+                                               root / "decoder" / "vae" / "diffusion_pytorch_model.safetensors",
+                                               root / "classifier.safetensors")}
+
+    monkeypatch.setattr(micro, "run_world_align", real_align)
     micro.build_world(root, quiet=True)
-    assert (root / "backbone" / "model.safetensors").stat().st_mtime_ns == weights  # not trained again
+    assert {p: p.stat().st_mtime_ns for p in done} == done  # not trained again
     info = json.loads((root / "world.json").read_text())
     assert set(info["stages"]) == {"backbone", "decoder", "align", "classifier"}
     assert info["held_out_object"] == {"shape": "star", "colour": "purple", "pattern": "striped"}
@@ -96,20 +105,20 @@ def test_the_build_uses_its_own_thread_count_whatever_the_process_has(micro, tmp
 
     before = torch.get_num_threads()
     seen = []
-    real = micro.build_classifier
+    real = micro.run_world_align
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    micro.build_classifier = spy
+    micro.run_world_align = spy
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
             micro.build_world(tmp_path / f"t{n}", quiet=True)
             assert torch.get_num_threads() == n
     finally:
-        micro.build_classifier = real
+        micro.run_world_align = real
         torch.set_num_threads(before)
     assert seen == [micro.THREADS, micro.THREADS]
     a, b = _weights(tmp_path / "t1"), _weights(tmp_path / "t2")

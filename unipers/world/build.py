@@ -243,6 +243,77 @@ def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool) -> 
     return info
 
 
+def _decoder_side(root: Path, seed: int, stages: list[str], steps: dict, n_train: int, n_held: int) -> dict:
+    """The VAE and the judge (``stages``), as ``build_world`` would train them; runs in its own process, so
+    the settings come as arguments."""
+    from unipers.io import atomic_directory
+    from unipers.runtime import cpu_threads
+
+    global STEPS, N_TRAIN, N_CLASSIFIER_HELD
+    STEPS, N_TRAIN, N_CLASSIFIER_HELD = steps, n_train, n_held
+    out = {}
+    with cpu_threads(THREADS):
+        objects, images = training_photos(seed)
+        if "decoder" in stages:
+            with atomic_directory(root / "decoder", overwrite=True) as tmp:
+                out["decoder"] = build_decoder(tmp, images, seed=seed, quiet=True)
+        if "classifier" in stages:
+            out["classifier"] = build_classifier(root / "classifier.safetensors", objects, images, seed=seed, quiet=True)
+    return out
+
+
+def _decoder_side_main() -> None:
+    """Entry point of the second process: JSON arguments on stdin, JSON result into the file they name."""
+    import signal
+
+    # stop() terminates: exit through Python, so half-written stage folders are removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = json.loads(sys.stdin.read())
+    result = Path(args.pop("result"))
+    info = _decoder_side(root=Path(args.pop("root")), **args)
+    result.write_text(json.dumps(info))
+
+
+class _SecondProcess:
+    """``_decoder_side(**kwargs)`` in a fresh interpreter (``python -c``: the caller's script is not run
+    again, as multiprocessing's spawn would, and no torch threads are forked); ``result()`` waits for its
+    return value or raises with its output; ``stop()`` ends it if it is still running."""
+
+    def __init__(self, root: Path, **kwargs):
+        import subprocess
+        import tempfile
+
+        fd, self.result_file = tempfile.mkstemp(prefix=".decoder-side-", suffix=".json", dir=root)
+        os.close(fd)
+        self.log = tempfile.TemporaryFile()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from unipers.world.build import _decoder_side_main; _decoder_side_main()"],
+            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.process.stdin.write(json.dumps({"root": str(root), "result": self.result_file, **kwargs}).encode())
+        self.process.stdin.close()
+
+    def result(self) -> dict:
+        code = self.process.wait()
+        if code != 0:
+            self.log.seek(0)
+            tail = self.log.read().decode(errors="replace")[-4000:]
+            raise RuntimeError(f"world build: the decoder-side process failed (exit {code}):\n{tail}")
+        return json.loads(Path(self.result_file).read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait()
+        self.log.close()
+        Path(self.result_file).unlink(missing_ok=True)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if msg and not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
 def build_world(root: str | os.PathLike | None = None, *, force: bool = False, quiet: bool = False,
                 seed: int | None = None) -> Path:
     """Build (or finish building) the tiny world under ``root`` from world seed ``seed`` (its photos and every
@@ -285,14 +356,25 @@ def _build_stages(root: Path, seed: int, quiet: bool) -> None:
 
     t_start = time.perf_counter()
     objects, images = training_photos(seed)
-    if not (root / "backbone" / "config.json").is_file() or "backbone" not in stages:
-        with atomic_directory(root / "backbone", overwrite=True) as tmp:
-            info = build_backbone(tmp, objects, images, seed=seed, quiet=quiet)
-        done("backbone", info)
-    if not (root / "decoder" / "model_index.json").is_file() or "decoder" not in stages:
-        with atomic_directory(root / "decoder", overwrite=True) as tmp:
-            info = build_decoder(tmp, images, seed=seed, quiet=quiet)
-        done("decoder", info)
+    todo = [name for name, marker in (("decoder", "decoder/model_index.json"), ("classifier", "classifier.safetensors"))
+            if not (root / marker).is_file() or name not in stages]
+    # The decoder side does not need the backbone: it trains in a second process meanwhile, one thread
+    # each, so a fresh build uses both cores without a thread barrier between them.
+    side = _SecondProcess(root, seed=seed, stages=todo, steps=STEPS, n_train=N_TRAIN,
+                          n_held=N_CLASSIFIER_HELD) if todo else None
+    try:
+        if not (root / "backbone" / "config.json").is_file() or "backbone" not in stages:
+            _say("world: decoder and judge train in a second process meanwhile" if side else "", quiet)
+            with atomic_directory(root / "backbone", overwrite=True) as tmp:
+                info = build_backbone(tmp, objects, images, seed=seed, quiet=quiet)
+            done("backbone", info)
+        if side:
+            _say("world: waiting for the decoder and judge", quiet)
+            for name, info in side.result().items():
+                done(name, info)
+    finally:
+        if side:
+            side.stop()
     if not (root / "pairs" / "captions.jsonl").is_file():
         with atomic_directory(root / "pairs", overwrite=True) as tmp:
             write_pairs(tmp, objects, images, seed=seed)
@@ -305,8 +387,6 @@ def _build_stages(root: Path, seed: int, quiet: bool) -> None:
             shutil.rmtree(root / "align")
         partial.rename(root / "align")
         done("align", info)
-    if not (root / "classifier.safetensors").is_file() or "classifier" not in stages:
-        done("classifier", build_classifier(root / "classifier.safetensors", objects, images, seed=seed, quiet=quiet))
     obj = demo_object()
     info = {"version": WORLD_VERSION, "seed": seed, "held_out_object": obj.attributes(),
             "train_photos": N_TRAIN, "backbone": BACKBONE, "decoder": DECODER, "steps": STEPS, "stages": stages,

@@ -232,9 +232,14 @@ class PersonalizeConfig:
     """cosine (per stage, to 10% of peak) or constant."""
     save_every: int = 0
     """Write the concept file every N steps (0 = only at the end and on a new best)."""
+    decision_weight: float = 1.0
+    """Weight of a recognition answer's first token (its Yes or No) in the understanding loss, against 1 for
+    every other answer token: the rest of "Yes, <bo> is in this photo." follows from that first token."""
 
     def __post_init__(self) -> None:
         _check_choice("personalize.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        if self.decision_weight <= 0:
+            raise ConfigError(f"personalize.decision_weight must be positive, not {self.decision_weight}")
         if not self.schedule:
             raise ConfigError("personalize.schedule is empty")
         for stage in self.schedule[:-1]:

@@ -237,3 +237,38 @@ def test_a_small_model_trains_on_one_cpu_thread_unless_told(prepared_concepts, t
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_decision_weight_lands_on_each_recognition_answers_yes_or_no(prepared_concepts, tiny_dirs):
+    """personalize.decision_weight weights exactly one token per recognition answer, its Yes or No, in the
+    order understanding_loss(reduction="none") returns per-token losses; other answers keep weight 1."""
+    from unipers.data.datamodule import ConceptDataModule
+    from unipers.training.personalize import answer_token_weights
+
+    model = UnifiedModel.from_config(load_config([CONFIGS / "personalize.yaml"]))
+    for name, word in (("bo", "dog"), ("mam", "cat")):
+        model.add_concept(name, word)
+    data = ConceptDataModule(prepared_concepts, batch_size=8, task_weights={"recognition": 1.0, "qa": 1.0})
+    data.attach(model)
+    tok = model.backbone.tokenizer
+    yes_no = {tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No")}
+    seen = 0
+    for batch, _ in zip(data.train_dataloader(), range(4)):
+        p = batch["und"]
+        weights = answer_token_weights(p["labels"], p["label"], 5.0)
+        targets = p["labels"][:, 1:][p["labels"][:, 1:] != -100]
+        per_token = model.backbone.understanding_loss(p["ids"], p["attention_mask"], p["labels"], reduction="none")
+        assert weights.shape == targets.shape == per_token.shape
+        decisions = [label for label in p["label"] if label is not None]
+        assert int((weights == 5.0).sum()) == len(decisions)
+        assert set(targets[weights == 5.0].tolist()) <= yes_no
+        assert bool((weights[weights != 5.0] == 1.0).all())
+        seen += len(decisions)
+    assert seen > 0
+
+
+def test_a_non_positive_decision_weight_is_a_config_error():
+    from unipers.config import ConfigError
+
+    with pytest.raises(ConfigError, match="personalize.decision_weight"):
+        load_config([], ["personalize.decision_weight=0"])

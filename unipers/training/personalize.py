@@ -31,13 +31,27 @@ def sample_seed(seed: int, step: int, uid: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_033 + uid) & _MASK64
 
 
+def answer_token_weights(labels: Tensor, decisions: list, decision_weight: float) -> Tensor:
+    """A weight per labelled answer token, in ``understanding_loss(reduction="none")``'s order: 1, and
+    ``decision_weight`` at the first answer token of rows that carry a yes/no label (recognition)."""
+    targets = labels[:, 1:]
+    selected = targets != -100
+    weights = selected.float()
+    first = selected.float().argmax(1)
+    for row, label in enumerate(decisions):
+        if label is not None and bool(selected[row].any()):
+            weights[row, first[row]] = decision_weight
+    return weights[selected]
+
+
 class PersonalizeModule(L.LightningModule):
     def __init__(self, model: UnifiedModel, schedule: Schedule, *, lr: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, decision_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.schedule = schedule
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
+        self.decision_weight = decision_weight
         self.strict_loading = False
         trainable = {id(p) for p in model.trainable_parameters()}
         self._ddp_params_and_buffers_to_ignore = [
@@ -78,8 +92,14 @@ class PersonalizeModule(L.LightningModule):
         counts = dict.fromkeys(sums, 0.0)
         parts = (("und", "understanding", bb.understanding_loss), ("img", "image_tokens", bb.image_token_loss))
         for key, name, loss_fn in parts:
-            if key in batch and getattr(weights, name) > 0:
-                p = batch[key]
+            if key not in batch or getattr(weights, name) <= 0:
+                continue
+            p = batch[key]
+            if key == "und" and self.decision_weight != 1.0:
+                per_token = loss_fn(p["ids"], p["attention_mask"], p["labels"], reduction="none")
+                token_weights = answer_token_weights(p["labels"], p["label"], self.decision_weight)
+                sums[name], counts[name] = (per_token * token_weights).sum(), float(token_weights.sum())
+            else:
                 sums[name] = loss_fn(p["ids"], p["attention_mask"], p["labels"], reduction="sum")
                 counts[name] = float((p["labels"][:, 1:] != -100).sum())
         if "gen" in batch and weights.diffusion > 0:

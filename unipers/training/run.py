@@ -254,7 +254,8 @@ def _fit_personalize(cfg, model, data, schedule, extra_callbacks: Sequence) -> P
     if t.compile:
         for layer in model.backbone.model.model.layers:
             layer.compile()
-    module = PersonalizeModule(model, schedule, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed)
+    module = PersonalizeModule(model, schedule, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed,
+                               decision_weight=p.decision_weight)
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
     if ckpt is None and (run_dir / CONCEPTS / "last.safetensors").exists():
         raise FileExistsError(f"{run_dir} holds a finished run; use a new run_dir, or ckpt_path=last to resume")

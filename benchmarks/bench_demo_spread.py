@@ -46,6 +46,7 @@ CLAIMS = {
     "near-misses": lambda r: r["results"]["after"]["recognition"]["near_miss_neg"],
     "facts before": lambda r: r["results"]["before"]["facts_right"],
     "facts after": lambda r: r["results"]["after"]["facts_right"],
+    "match before": lambda r: r["results"]["before"]["generation"]["mean"],
     "match <bo>": lambda r: r["results"]["after"]["generation"]["mean"],
     "match class word": lambda r: r["results"]["class_word"]["mean"],
     "gap": lambda r: r["results"]["after"]["generation"]["mean"] - r["results"]["class_word"]["mean"],

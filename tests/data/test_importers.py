@@ -96,6 +96,14 @@ def test_import_yollava_all_concepts_from_cli(tmp_path, yollava, capsys):
         import_yollava(yollava, tmp_path / "z", concepts=["nope"])
 
 
+def test_import_yollava_refuses_a_bad_folder_name_before_writing_any_concept(tmp_path, yollava, capsys):
+    write_photos(yollava / "train" / "zz.v2", 3, start=50)  # sorts after bo and mam
+    out = tmp_path / "y"
+    assert cli.main(["prepare", "--from-yollava", str(yollava), "--out", str(out), "--quiet"]) == 2
+    assert "'zz.v2'" in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
 @pytest.fixture
 def yochameleon(tmp_path):
     imgs = write_photos(tmp_path / "yc_images", 4)

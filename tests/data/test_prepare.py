@@ -174,6 +174,20 @@ def test_cli_prints_summary_and_names_bad_files(tmp_path, photos_dir, capsys):
     assert cli.main(["prepare", str(photos_dir), "--name", "b o", "--out", str(tmp_path / "o4")]) == 2
 
 
+@pytest.mark.parametrize("name", ["bo.v2", "image", "x" * 40, "<bo>", "b o"])
+def test_prepare_refuses_at_once_every_name_training_would_refuse(tmp_path, photos_dir, capsys, name):
+    from unipers.concepts.bank import ConceptBank
+    from unipers.concepts.names import ConceptNameError
+
+    with pytest.raises(ConceptNameError):  # the rule training applies
+        ConceptBank(base_vocab_size=16, hidden_size=8).add(name)
+    out = tmp_path / "out"
+    assert cli.main(["prepare", str(photos_dir), "--name", name, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "concept name" in err[0]
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_help_imports_nothing_heavy():
     code = ("import sys, unipers.cli as c; c.build_parser(['prepare']).format_help();"
             "print([m for m in ('torch', 'transformers', 'PIL', 'numpy') if m in sys.modules])")

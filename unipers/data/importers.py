@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Sequence
 
 from unipers.data.manifest import Sample
-from unipers.data.samples import check_name, mention, normalize_mentions
+from unipers.concepts.names import validate_name
+from unipers.data.samples import mention, normalize_mentions
 
 RESERVED_RUN = re.compile(r"<reserved\d+>(?:\s*<reserved\d+>)*")
 YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
@@ -162,9 +163,10 @@ def import_yollava(root: Path | str, out_root: Path | str, *, concepts: Sequence
         raise ValueError(f"concept(s) not in {root / 'train'}: {', '.join(missing)} "
                          f"(available: {', '.join(available)})")
     test_files = {c: list_image_files(root / "test" / c)[0] if (root / "test" / c).is_dir() else [] for c in available}
+    for c in wanted:  # every name before any work, by the rule training applies
+        validate_name(c)
     outs = []
     for c in wanted:
-        check_name(c)
         train = load_photos(root / "train" / c, max_side=opts.max_side, min_side=opts.min_side, skip_bad=skip_bad)
         test = (load_photos(root / "test" / c, max_side=opts.max_side, min_side=opts.min_side, skip_bad=skip_bad)
                 if test_files[c] else PhotoSet(root / "test" / c))
@@ -278,7 +280,7 @@ def import_yochameleon(json_paths: Sequence[Path | str] | Path | str, name: str,
     from unipers.data.images import Photo, PhotoError, open_rgb, pixel_digest
     from unipers.data.prepare import ConceptInputs, PrepareOptions, build_prepared
 
-    check_name(name)
+    validate_name(name)
     opts = options or PrepareOptions()
     paths = [json_paths] if isinstance(json_paths, (str, Path)) else list(json_paths)
     samples, issues = [], []

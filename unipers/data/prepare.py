@@ -188,10 +188,11 @@ def prepare_concept(photos_dir: Path | str, name: str, out_dir: Path | str, *, c
     Raises ``PhotoError`` (naming the file or folder), ``FileExistsError`` (``out_dir`` exists and not
     ``overwrite``) or ``ValueError``; on any failure ``out_dir`` is left as it was."""
     from unipers.data.images import load_photos
-    from unipers.data.samples import check_name, read_facts
+    from unipers.concepts.names import validate_name
+    from unipers.data.samples import read_facts
 
     opts = options or PrepareOptions()
-    check_name(name)
+    validate_name(name)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:  # fail before the slow part
         raise FileExistsError(f"output folder already exists: {out_dir} (use --overwrite to replace it)")

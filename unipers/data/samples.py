@@ -74,16 +74,6 @@ CAPTIONS_PLAIN = (
 )
 GENERATION_PROMPT = "A photo of {c}."
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def check_name(name: str) -> str:
-    """A concept name is one word of letters, digits, ``_ . -`` (it is written as ``<name>``)."""
-    if not NAME_RE.match(name or ""):
-        raise ValueError(f"invalid concept name {name!r}: use letters, digits, '_', '.', '-' (no brackets or spaces)")
-    return name
-
-
 def mention(name: str) -> str:
     return f"<{name}>"
 

@@ -59,7 +59,7 @@ def other_backbone_dir(tmp_path_factory):
 def qa_batch():
     """qa_batch(backbone, [(question, answer), ...]) -> right-padded (ids, mask, labels)."""
     from unipers.concepts.prompts import PromptBuilder
-    from unipers.models.unified import pad_batch
+    from unipers.models.padding import pad_batch
 
     def make(backbone, items, mode="und"):
         builder = PromptBuilder.for_backbone(backbone)

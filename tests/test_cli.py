@@ -47,3 +47,9 @@ def test_tiny_and_export_commands(tiny_dirs, tmp_path):
     out = run_cli("export", "--backbone", str(tiny_dirs[0]), "--concept", str(concept), "--out", str(tmp_path / "m"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m" / "unipers_prompts.json").is_file()
+
+
+def test_tiny_check_trains_a_concept_and_finds_the_rest_bit_identical(tiny_dirs):
+    out = run_cli("tiny", "--out", str(tiny_dirs[0].parent), "--check")
+    assert out.returncode == 0, out.stderr
+    assert "check passed" in out.stdout and "step 4:" in out.stdout

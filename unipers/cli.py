@@ -17,7 +17,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("unipers.data.prepare", "turn a folder of photos into a training manifest"),
+    "prepare": ("unipers.data.prepare_cli", "turn a folder of photos into a training manifest"),
     "train": ("unipers.training.run", "personalize concept rows (or align the connector) from a config"),
     "ask": ("unipers.inference.ask", "answer questions about your concepts (--chat for several turns)"),
     "recognize": ("unipers.inference.recognize", "is the concept in these images? a probability per image"),
@@ -25,8 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("unipers.eval.cli", "benchmark concepts (recognition, VQA, captions, CLIP-I/T, DINO) with a report"),
     "demo": ("unipers.world.demo", "the whole loop on the tiny world: personalize a new object, ask, recognize, generate, eval"),
     "world": ("unipers.world.build", "build the tiny world's trained base models (cached under checkpoints/world)"),
-    "tiny": ("unipers.models.tiny", "build the embedded tiny random base models (no downloads)"),
-    "export": ("unipers.concepts.export", "merge concept files into a plain Hugging Face checkpoint"),
+    "tiny": ("unipers.models.tiny_cli", "build the embedded tiny random base models (no downloads)"),
+    "export": ("unipers.models.export", "merge concept files into a plain Hugging Face checkpoint"),
     "slurm": ("unipers.launch.cli", "submit align / personalize jobs and concept arrays to Slurm; status, collect"),
 }
 

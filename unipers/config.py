@@ -115,9 +115,20 @@ class AugmentConfig:
     """Mirror half of the views left-right (turn off for text, logos, anything not mirror-symmetric)."""
 
     def __post_init__(self) -> None:
-        from unipers.data.augment import ViewSpec
+        check_augment(self.views, self.scale, self.ratio)
 
-        ViewSpec.from_config(self)  # raises ConfigError naming the key
+
+def check_augment(views: int, scale, ratio) -> None:
+    """The rules of ``data.augment`` (also `unipers.data.augment.ViewSpec`'s): ConfigError naming the key."""
+    for key, value in (("scale", scale), ("ratio", ratio)):
+        if len(value) != 2:
+            raise ConfigError(f"data.augment.{key} must be [lo, hi], got {list(value)}")
+    if views < 0:
+        raise ConfigError(f"data.augment.views must be >= 0, got {views}")
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"data.augment.scale must satisfy 0 < lo <= hi <= 1, got {list(scale)}")
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ConfigError(f"data.augment.ratio must satisfy 0 < lo <= hi, got {list(ratio)}")
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from unipers.concepts.export import export_merged
+from unipers.models.export import export_merged
 from unipers.concepts.io import ConceptFileError, load_concepts, read_metadata, save_concepts
 from unipers.concepts.names import ConceptNameError
 from unipers.concepts.prompts import PromptBuilder

@@ -80,6 +80,7 @@ def test_array_of_five_concepts_two_per_task(fake_concepts, tmp_path, fake_bin):
     assert "--array=0-2%2" in sbatch_lines(job.script)
     write_run(job)
     assert (run / "code" / "unipers" / "launch" / "slurm.py").is_file() and (run / "code" / "configs").is_dir()
+    assert not (run / "code" / "unipers" / "world").exists()  # the demo world is no part of a job
     assert load_config([run / "config.yaml"]) == job.cfg
     # Run the batch script itself for each array task, with an `srun` that prints its environment and args.
     (fake_bin / "srun").write_text('#!/bin/sh\necho "PYTHONPATH=$PYTHONPATH"\nfor a in "$@"; do echo "ARG $a"; done\n')

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from unipers.concepts.prompts import PromptBuilder
-from unipers.models.unified import pad_batch
+from unipers.models.padding import pad_batch
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -17,7 +17,8 @@ from unipers.config import load_config
 from unipers.data.pairs import CaptionFolderDataset, TarShardDataset, build_align_data, expand_shards, pair_collate
 from unipers.models.connector import read_connector_metadata
 from unipers.models.unified import UnifiedModel
-from unipers.training.align import AlignModule, apply_decoder_delta, decoder_delta_path, warmup_cosine
+from unipers.models.decoder_delta import apply_decoder_delta, decoder_delta_path
+from unipers.training.align import AlignModule, warmup_cosine
 
 SIZE = 32  # the tiny decoder's image size
 

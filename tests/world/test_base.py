@@ -155,7 +155,7 @@ def _pretraining_batch(model, processor, objects, n=6, seed=0):
 
     from unipers.concepts.bank import ConceptBank
     from unipers.concepts.prompts import PromptBuilder
-    from unipers.models.unified import pad_batch
+    from unipers.models.padding import pad_batch
     from unipers.world.base import encode_example, image_tokens
 
     prompts = PromptBuilder(processor.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from unipers.config import check_augment
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -42,22 +44,11 @@ class ViewSpec:
     flip: bool = True
 
     def __post_init__(self) -> None:
-        from unipers.config import ConfigError
-
-        for key in ("scale", "ratio"):
-            if len(getattr(self, key)) != 2:
-                raise ConfigError(f"data.augment.{key} must be [lo, hi], got {list(getattr(self, key))}")
-        lo, hi = self.scale
-        if self.views < 0:
-            raise ConfigError(f"data.augment.views must be >= 0, got {self.views}")
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError(f"data.augment.scale must satisfy 0 < lo <= hi <= 1, got {list(self.scale)}")
-        if not 0.0 < self.ratio[0] <= self.ratio[1]:
-            raise ConfigError(f"data.augment.ratio must satisfy 0 < lo <= hi, got {list(self.ratio)}")
+        check_augment(self.views, self.scale, self.ratio)
 
     @classmethod
     def from_config(cls, cfg) -> ViewSpec:
-        """From ``data.augment`` (the loaded DictConfig, or an AugmentConfig while it is checked)."""
+        """From ``data.augment`` (the loaded DictConfig or an AugmentConfig)."""
         get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
         return cls(views=int(get("views", 0)), scale=tuple(float(x) for x in get("scale", (0.7, 1.0))),
                    ratio=tuple(float(x) for x in get("ratio", (0.9, 1.1))), flip=bool(get("flip", True)))

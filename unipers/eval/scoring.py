@@ -21,7 +21,7 @@ from torch import Tensor
 from unipers.concepts.prompts import PromptError
 from unipers.eval.prompts import PERSONAL, context, rewrite
 from unipers.inference.session import InputError
-from unipers.models.unified import pad_batch
+from unipers.models.padding import pad_batch
 
 
 class Prompter:

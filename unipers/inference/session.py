@@ -24,7 +24,8 @@ from torch import Tensor
 
 from unipers.concepts.names import MARKER_PATTERN
 from unipers.concepts.prompts import IMAGE_MARKER, PromptError
-from unipers.models.unified import UnifiedModel, pad_batch
+from unipers.models.padding import pad_batch
+from unipers.models.unified import UnifiedModel
 
 
 class InputError(ValueError):

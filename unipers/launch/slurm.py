@@ -214,16 +214,19 @@ def render(job: SlurmJob, evaluate: bool = False) -> str:
 
 
 def snapshot_code(dest: Path) -> list[str]:
-    """Copy the imported ``unipers`` package (and the checkout's ``configs/``, when there is one) into `dest`."""
-    import unipers
+    """Copy the imported ``unipers`` package (and the checkout's ``configs/``, when there is one) into `dest`.
+    The demo world (``unipers/world``) stays out: no job imports it."""
+    package = Path(__file__).resolve().parents[1]
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
 
-    package = Path(unipers.__file__).resolve().parent
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        return set(skip(folder, names)) | ({"world"} if Path(folder) == package else set())
+
     shutil.copytree(package, dest / "unipers", ignore=ignore)
     copied = ["unipers"]
     configs = package.parent / "configs"
     if configs.is_dir():
-        shutil.copytree(configs, dest / "configs", ignore=ignore)
+        shutil.copytree(configs, dest / "configs", ignore=skip)
         copied.append("configs")
     return copied
 

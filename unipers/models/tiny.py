@@ -1,6 +1,7 @@
 """The embedded default: tiny random base models written as ordinary HF / diffusers folders.
 
-    unipers tiny [--out checkpoints/tiny] [--force] [--check]
+    ensure_tiny()                      # (backbone_dir, decoder_dir), built once
+    resolve_path("tiny", "backbone")   # a config's path value -> folder
 
 Nothing here contacts a model hub. The tiny Chameleon has its own byte-level BPE tokenizer (trained offline
 on a built-in corpus), a processor, and a VQ encoder; the tiny decoder is a Stable-Diffusion-style folder.
@@ -11,7 +12,6 @@ fingerprint, on every machine.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -169,61 +169,3 @@ def resolve_path(path: str, kind: str) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{kind}.path: no such folder {folder} (use a local checkpoint folder or 'tiny')")
     return folder
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help=f"where to write the presets (default {TINY_ROOT})")
-    parser.add_argument("--force", action="store_true", help="rebuild even if present")
-    parser.add_argument("--check", action="store_true",
-                        help="then train one concept a few steps with both losses and verify only its rows moved")
-
-
-def check(steps: int = 5, seed: int = 0) -> dict:
-    """Load the embedded default through the config path, train `<bo>` with both losses, verify isolation."""
-    import torch
-
-    from unipers.config import load_config
-    from unipers.models.unified import UnifiedModel, pad_batch
-
-    torch.manual_seed(seed)
-    model = UnifiedModel.from_config(load_config([Path(__file__).resolve().parents[2] / "configs" / "base.yaml"]))
-    model.add_concept("bo", "dog")
-    model.add_concept("mam", "cat")
-    frozen = {k: v.clone() for k, v in model.backbone.model.state_dict().items()}
-    untouched = {k: v.clone() for k, v in model.bank.rows["mam"].state_dict().items()}
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2, weight_decay=0.01)
-    qa = [model.prompts.encode_qa("Is <bo> in the garden?", "Yes, <bo> is in the garden.")] * 2
-    ids, mask = pad_batch([e.ids for e in qa], model.backbone.tokenizer.pad_token_id)
-    labels, _ = pad_batch([e.labels for e in qa], 0, labels=True)
-    gen_ids, gen_mask = model.encode_batch(["A photo of <bo> on a beach."] * 2, mode="gen")
-    d = model.decoder
-    latents = torch.randn(2, d.latent_channels, d.latent_size, d.latent_size)
-    losses = []
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        und = model.understanding_loss(ids, mask, labels)
-        dif = model.diffusion_loss(gen_ids, gen_mask, latents, generator=torch.Generator().manual_seed(step))
-        (und + dif).backward()
-        opt.step()
-        losses.append((und.item(), dif.item()))
-    base_same = all(torch.equal(v, model.backbone.model.state_dict()[k]) for k, v in frozen.items())
-    mam_same = all(torch.equal(v, model.bank.rows["mam"].state_dict()[k]) for k, v in untouched.items())
-    if not (base_same and mam_same):
-        raise RuntimeError(f"isolation broken: base unchanged={base_same}, absent concept unchanged={mam_same}")
-    return {"fingerprints": model.fingerprints, "losses": losses,
-            "trainable": sum(p.numel() for p in model.trainable_parameters())}
-
-
-def main(args: argparse.Namespace) -> int:
-    ar_dir, dec_dir = ensure_tiny(args.out, force=args.force)
-    print(f"tiny backbone: {ar_dir}\ntiny decoder:  {dec_dir}")
-    if args.check:
-        if args.out:
-            os.environ["UNIPERS_TINY_DIR"] = str(args.out)
-        report = check()
-        print(f"base fingerprints: {report['fingerprints']}")
-        print(f"trainable parameters (2 concepts): {report['trainable']}")
-        for i, (und, dif) in enumerate(report["losses"]):
-            print(f"step {i}: understanding {und:.4f}  diffusion {dif:.4f}")
-        print("check passed: only the trained concept's rows moved; the base and the absent concept are bit-identical")
-    return 0

@@ -27,18 +27,7 @@ from unipers.models.backbone import ARBackbone
 from unipers.models.connector import Conditioning, Connector, read_connector_metadata
 from unipers.models.decoder import DiffusionDecoder
 from unipers.models.fingerprint import config_fields, fingerprint
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right", labels: bool = False) -> tuple[Tensor, Tensor]:
-    """Pad to the longest sequence (dynamic padding): (ids, attention_mask)."""
-    length = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), length), -100 if labels else pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), length, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(0, len(s)) if side == "right" else slice(length - len(s), length)
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
+from unipers.models.padding import pad_batch
 
 
 @torch.no_grad()
@@ -107,7 +96,7 @@ class UnifiedModel(nn.Module):
     def apply_aligned_decoder(self, connector_path: str | os.PathLike) -> None:
         """If align also trained the decoder, its delta sits beside the connector: apply it. The decoder's
         fingerprint then names the aligned decoder, so concept files record which one they were made with."""
-        from unipers.training.align import apply_decoder_delta, decoder_delta_path
+        from unipers.models.decoder_delta import apply_decoder_delta, decoder_delta_path
 
         delta = decoder_delta_path(connector_path)
         if delta.is_file():

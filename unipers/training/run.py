@@ -167,7 +167,8 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
     from unipers.config import ConfigError
     from unipers.data.pairs import build_align_data
     from unipers.models.unified import UnifiedModel
-    from unipers.training.align import AlignModule, decoder_delta_path
+    from unipers.models.decoder_delta import decoder_delta_path
+    from unipers.training.align import AlignModule
 
     if not cfg.data.pairs:
         raise ConfigError("data.pairs is empty: give a folder with captions.jsonl, or a glob of tar shards")

@@ -425,7 +425,7 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
     (``CodebookEmbeddings``), written back into the table at the end."""
     from torch.nn.utils import parametrize
 
-    from unipers.models.unified import pad_batch
+    from unipers.models.padding import pad_batch
 
     rng = random.Random(f"pretrain/{seed}")
     torch.manual_seed(seed)

@@ -1,0 +1,94 @@
+"""``unipers prepare``: photos, a Yo'LLaVA folder or Yo'Chameleon JSONs -> prepared concept folders.
+
+    unipers prepare photos/bo --name bo --class-word dog --facts bo_facts.txt \\
+        --negatives /data/pool --clip /models/clip-vit-large-patch14 --out data/bo --seed 0
+    unipers prepare --from-yollava yollava-data --name bo --out data/yollava      # see importers.py
+    unipers prepare --from-yochameleon bo_train.json --name bo --out data/bo_yc
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from unipers.data.prepare import PrepareOptions, prepare_concept
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("photos", nargs="?", type=Path, metavar="PHOTOS_DIR", help="folder with 3-10 photos of the concept")
+    a("--name", help="concept name, written as <NAME> in all text (e.g. bo)")
+    a("--class-word", help="what the concept is (dog, mug, person); used in captions")
+    a("--facts", type=Path, help="text file with one fact per line, or a JSON list of {question, answer}")
+    a("--negatives", type=Path, metavar="POOL_DIR", help="image folder tree to draw negatives / soft positives from")
+    a("--clip", type=Path, metavar="PATH", help="local CLIP folder (CLIPVisionModelWithProjection + processor)")
+    a("--out", type=Path, help="output folder (default: data/NAME)")
+    a("--seed", type=int, default=0)
+    a("--val-fraction", type=float, default=0.2, help="share of photos held out for validation")
+    a("--skip-bad", action="store_true", help="skip (and report) unreadable or too small photos instead of failing")
+    a("--overwrite", action="store_true", help="replace an existing output folder")
+    d = PrepareOptions()
+    g = p.add_argument_group("photos and retrieval").add_argument
+    g("--max-side", type=int, default=d.max_side, help="downscale photos larger than this")
+    g("--min-side", type=int, default=d.min_side, help="refuse photos smaller than this (short side)")
+    g("--hard", type=int, default=d.n_hard, help="hard negatives")
+    g("--easy", type=int, default=d.n_easy, help="random easy negatives")
+    g("--soft", type=int, default=d.n_soft, help="soft positives")
+    g("--near-duplicate", type=float, default=d.near_duplicate,
+      help="cosine above which a pool image counts as the concept itself")
+    g("--soft-range", type=float, nargs=2, metavar=("LO", "HI"), help="similarity range mapped to 1..--gen-slots")
+    g("--gen-slots", type=int, default=d.num_gen_slots, help="generation slots of a concept")
+    g("--batch-size", type=int, default=d.batch_size)
+    g("--num-workers", type=int, default=d.num_workers)
+    g("--device", help="CLIP device (default: cuda if available)")
+    g("--clip-cache", type=Path, help="embedding cache folder if the pool is read-only")
+    g("--quiet", action="store_true", help="no progress bar")
+    i = p.add_argument_group("importers (see unipers/data/importers.py)").add_argument
+    i("--from-yollava", type=Path, metavar="ROOT", help="Yo'LLaVA data folder; --name picks one concept (default: all)")
+    i("--visual-qa", type=Path, help="Yo'LLaVA visual QA JSON (default: ROOT/yollava-visual-qa.json)")
+    i("--text-qa", type=Path, help="Yo'LLaVA text QA JSON (default: ROOT/yollava-text-qa.json)")
+    i("--from-yochameleon", type=Path, nargs="+", metavar="JSON", help="Yo'Chameleon training JSON file(s)")
+    i("--image-root", type=Path, help="folder that relative --from-yochameleon image paths are resolved against")
+
+
+def options_from_args(a: argparse.Namespace) -> PrepareOptions:
+    return PrepareOptions(max_side=a.max_side, min_side=a.min_side, n_hard=a.hard, n_easy=a.easy, n_soft=a.soft,
+                          near_duplicate=a.near_duplicate, soft_range=tuple(a.soft_range) if a.soft_range else None,
+                          num_gen_slots=a.gen_slots, batch_size=a.batch_size, num_workers=a.num_workers,
+                          device=a.device, clip_cache=a.clip_cache, quiet=a.quiet)
+
+
+def main(args: argparse.Namespace) -> int:
+    from unipers.data.images import PhotoError
+    from unipers.data.importers import import_yochameleon, import_yollava
+
+    opts = options_from_args(args)
+    sources = [x for x in (args.photos, args.from_yollava, args.from_yochameleon) if x]
+    try:
+        if len(sources) != 1:
+            raise ValueError("give exactly one of PHOTOS_DIR, --from-yollava, --from-yochameleon")
+        if args.from_yollava:
+            outs = import_yollava(args.from_yollava, args.out or Path("data/yollava"),
+                                  concepts=[args.name] if args.name else None, visual_qa=args.visual_qa,
+                                  text_qa=args.text_qa, seed=args.seed, negatives=args.negatives, clip_path=args.clip,
+                                  skip_bad=args.skip_bad, overwrite=args.overwrite, options=opts)
+        else:
+            if not args.name:
+                raise ValueError("--name is required")
+            out = args.out or Path("data") / args.name
+            if args.from_yochameleon:
+                outs = [import_yochameleon(args.from_yochameleon, args.name, out, image_root=args.image_root,
+                                           seed=args.seed, overwrite=args.overwrite)]
+            else:
+                outs = [prepare_concept(args.photos, args.name, out, class_word=args.class_word, facts=args.facts,
+                                        negatives=args.negatives, clip_path=args.clip, seed=args.seed,
+                                        val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+                                        overwrite=args.overwrite, options=opts)]
+    except (PhotoError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"unipers prepare: error: {e}", file=sys.stderr)
+        return 2
+    for out in outs:
+        print((out / "report.txt").read_text(encoding="utf-8"), end="")
+        print(f"wrote {out}\n")
+    return 0

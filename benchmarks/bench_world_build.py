@@ -60,7 +60,7 @@ def bench_pretrain(root: Path, steps: int) -> dict:
     from unipers.concepts.bank import ConceptBank
     from unipers.concepts.prompts import PromptBuilder
     from unipers.models.tiny import build_tiny_chameleon
-    from unipers.models.unified import pad_batch
+    from unipers.models.padding import pad_batch
     from unipers.world import base
     from unipers.world.build import BACKBONE, demo_object, training_photos, world_corpus
 

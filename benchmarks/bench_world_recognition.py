@@ -52,7 +52,7 @@ def load_backbone(path):
 @torch.no_grad()
 def answer_logits(model, prompts, questions, tokens) -> torch.Tensor:
     """(N, V) logits of the first answer token of each (question, image tokens), plain layout."""
-    from unipers.models.unified import pad_batch
+    from unipers.models.padding import pad_batch
 
     seqs = [prompts.encode_question(q, images=[t], mode="plain") for q, t in zip(questions, tokens)]
     ids, mask = pad_batch(seqs, prompts.tokenizer.pad_token_id)
@@ -68,7 +68,7 @@ def score(model, prompts, questions, tokens, yes_id: int, no_id: int) -> torch.T
 @torch.no_grad()
 def answer_logprob(model, prompts, questions, answers, tokens) -> torch.Tensor:
     """(N,) summed log-probability of each whole answer after its (question, image tokens), plain layout."""
-    from unipers.models.unified import pad_batch
+    from unipers.models.padding import pad_batch
 
     encs = [prompts.encode_qa(q, a, images=[t], mode="plain") for q, a, t in zip(questions, answers, tokens)]
     ids, mask = pad_batch([e.ids for e in encs], prompts.tokenizer.pad_token_id)
@@ -100,7 +100,7 @@ def attribute_answers(model, prompts, tokens, shown) -> dict:
 @torch.no_grad()
 def says_yes(bb, seqs, yes_id: int, no_id: int, batch_size: int = 64) -> torch.Tensor:
     """True where the answer's first token is likelier Yes than No after each prompt (ids, left-padded)."""
-    from unipers.models.unified import pad_batch
+    from unipers.models.padding import pad_batch
 
     out = []
     for i in range(0, len(seqs), batch_size):

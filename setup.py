@@ -13,8 +13,14 @@ setup(
     description="Personalize a Chameleon-style AR model and a diffusion decoder with one set of concept tokens",
     long_description=(Path(__file__).parent / "README.md").read_text(),
     long_description_content_type="text/markdown",
+    # The pins' lower ends (transformers 5.20, diffusers 0.40, torch 2.14) support 3.10; later releases of
+    # transformers and diffusers need 3.11, and pip picks what the interpreter allows.
     python_requires=">=3.10",
-    packages=find_packages(include=["unipers", "unipers.*"]),
+    # The top-level configs/ ships inside the package as unipers/configs (unipers.paths.config_dir), so an
+    # installed wheel loads `load_config(["personalize"])` without a checkout.
+    packages=find_packages(include=["unipers", "unipers.*"]) + ["unipers.configs"],
+    package_dir={"unipers.configs": "configs"},
+    package_data={"unipers.configs": ["*.yaml", "*/*.yaml"]},
     install_requires=[
         # A matching pair: the registry's default (CUDA) builds also run on CPU-only machines, and
         # torchvision's operators do not load against the CPU-only torch 2.13 wheel (DESIGN.md).
@@ -25,7 +31,7 @@ setup(
         "transformers>=5.20,<6",
         "tokenizers>=0.22",
         "diffusers>=0.40,<0.50",
-        "omegaconf>=2.3",
+        "omegaconf>=2.4",  # register_resolver (the ${cache:...} paths)
         "einops>=0.8",
         "safetensors>=0.4",
         "pillow>=10",
@@ -35,6 +41,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8"],
+        # Loggers the configs offer besides CSV (trainer.logger).
+        "tensorboard": ["tensorboard>=2.16"],
+        "wandb": ["wandb>=0.17"],
         # GPU-only attention kernels; PyTorch SDPA is the default everywhere.
         "xformers": ["xformers>=0.0.30"],
     },

@@ -154,7 +154,7 @@ def bench_align(root: Path, steps: int) -> dict:
         for i in range(n):
             Image.fromarray(images[i]).save(pairs / "images" / f"{i:05d}.png")
             f.write(json.dumps({"image": f"images/{i:05d}.png", "caption": align_caption(objects[i], rng)}) + "\n")
-    cfg = load_config([REPO / "configs" / "world.yaml"], [
+    cfg = load_config(["world"], [
         f"backbone.path={root / 'backbone'}", f"decoder.path={root / 'decoder'}", "connector.path=null"])
     model = UnifiedModel.from_config(cfg)
     blocks = [name for name, m in model.decoder.unet.named_children() if any(True for _ in m.parameters())]

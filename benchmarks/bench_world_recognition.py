@@ -1,6 +1,6 @@
 """How well the tiny world's AR base recognizes, before any concept is trained.
 
-    python benchmarks/bench_world_recognition.py [--root checkpoints/world] [--photos 120]
+    python benchmarks/bench_world_recognition.py [--root DIR] [--photos 120]
 
 On fresh photos of the base's training objects (never the demo object), asks "Is zib in this photo?" with
 zib described in a prefix sentence, and scores Yes/No from the answer-token logits (as ``unipers
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     from unipers.world.synth import ATTRIBUTES, all_objects, near_misses, render_many, with_article
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", default=None, help="a built world (default checkpoints/world or $UNIPERS_WORLD_DIR)")
+    p.add_argument("--root", default=None, help="a built world (default the world cache, $UNIPERS_WORLD_DIR)")
     p.add_argument("--photos", type=int, default=120)
     args = p.parse_args(argv)
     torch.manual_seed(0)

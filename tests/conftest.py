@@ -8,12 +8,6 @@ import os
 import pytest
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long end-to-end tests (the demo); run in CI, skip with -m 'not slow'")
-    config.addinivalue_line("markers", "slurm: needs a running Slurm cluster (skipped where none is present)")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU machines)")
-
-
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """(backbone_dir, decoder_dir) of the embedded default, built via `ensure_tiny` into a temp root."""

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("unipers.inference.generate", "draw your concepts in new scenes (PNG + grid + JSON sidecar)"),
     "eval": ("unipers.eval.cli", "benchmark concepts (recognition, VQA, captions, CLIP-I/T, DINO) with a report"),
     "demo": ("unipers.world.demo", "the whole loop on the tiny world: personalize a new object, ask, recognize, generate, eval"),
-    "world": ("unipers.world.build", "build the tiny world's trained base models (cached under checkpoints/world)"),
+    "world": ("unipers.world.build", "build the tiny world's trained base models (cached under $UNIPERS_HOME/world)"),
     "tiny": ("unipers.models.tiny_cli", "build the embedded tiny random base models (no downloads)"),
     "export": ("unipers.models.export", "merge concept files into a plain Hugging Face checkpoint"),
     "slurm": ("unipers.launch.cli", "submit align / personalize jobs and concept arrays to Slurm; status, collect"),

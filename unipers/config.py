@@ -1,6 +1,7 @@
 """Typed configuration: dataclass schema, then YAML files, then ``key=value`` overrides (OmegaConf).
 
-    cfg = load_config(["configs/backbone/anole-7b.yaml"], ["bank.num_shared=8", "seed=1"])
+    cfg = load_config(["personalize", "backbone/anole-7b"], ["bank.num_shared=8", "seed=1"])
+    cfg = load_config(["my_run.yaml"])          # a path works too
 
 A YAML file may list other YAML files under ``defaults:`` (paths relative to that file); they are merged
 first, in order. Every key is checked against the schema before merging, so a typo fails with the file,
@@ -16,6 +17,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+
+from unipers.paths import cache_dir, config_file
+
+# ``${cache:world}`` in a config: that cache's folder (unipers.paths.cache_dir), wherever UNIPERS_HOME is.
+def _cache_folder(name: str) -> str:
+    return str(cache_dir(name))
+
+
+OmegaConf.register_resolver("cache", _cache_folder, replace=True)
 
 
 class ConfigError(ValueError):
@@ -451,11 +461,16 @@ def _parse_override(item: str) -> dict:
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = (), schema: type = Config) -> Any:
-    """Schema defaults <- YAML files (with their ``defaults``) <- ``key=value`` overrides -> a dataclass."""
+    """Schema defaults <- YAML files (with their ``defaults``) <- ``key=value`` overrides -> a dataclass.
+    A file is a path or a shipped config's name (``personalize``, ``backbone/anole-7b``)."""
     merged = OmegaConf.structured(schema)
     sources: list[tuple[str, dict]] = []
     for f in files:
-        sources.extend(_read_yaml(Path(f)))
+        try:
+            path = config_file(f)
+        except FileNotFoundError as err:
+            raise ConfigError(str(err)) from None
+        sources.extend(_read_yaml(path))
     sources.extend((f"override '{o}'", _parse_override(o)) for o in overrides)
     for source, data in sources:
         _check_keys(data, source, schema)

@@ -115,7 +115,7 @@ def test_described_examples_have_the_layout_personalization_and_recognize_use(ba
     from unipers.models.unified import UnifiedModel
     from unipers.world.base import DESCRIBE_QUESTION, WorldText, encode_example, weighted_answer_loss
 
-    cfg = load_config(["configs/world.yaml"], [f"backbone.path={backbone_dir}", "decoder.path=tiny", "connector.path=null"])
+    cfg = load_config(["world"], [f"backbone.path={backbone_dir}", "decoder.path=tiny", "connector.path=null"])
     assert cfg.backbone.describe_first == DESCRIBE_QUESTION
     model = UnifiedModel.from_config(cfg)
     p, tok = model.prompts, model.backbone.tokenizer

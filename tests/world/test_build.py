@@ -82,7 +82,7 @@ def test_world_align_on_cached_latents_ends_where_per_batch_encoding_ends(micro,
             f.write(json.dumps({"image": f"{i}.png", "caption": f"picture {i}"}) + "\n")
     ends = {}
     for cache in (True, False):
-        run = train(load_config([micro.REPO / "configs" / "base.yaml"], [
+        run = train(load_config(["base"], [
             "stage=align", f"data.pairs={pairs}", f"decoder.path={decoder}", "trainer.max_steps=3",
             "data.batch_size=32", f"data.cache_latents={str(cache).lower()}", "align.train_decoder=none",
             f"run_dir={tmp_path / f'align-{cache}'}", "trainer.progress_bar=false"]))

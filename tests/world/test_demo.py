@@ -4,8 +4,8 @@ A world base trained from scratch comes out differently on every CPU (float roun
 instruction sets), so the base this test builds is one draw among many. It asserts floors set below the
 lowest value measured over the demo's spread (world seeds x demo seeds x kernel sets, benchmarks/README.md,
 ``python benchmarks/bench_demo_spread.py``), and prints this run's exact numbers and CPU, which it does not
-assert. Builds the world base under checkpoints/world on first use (about 25 minutes on 2 cores; cached
-after), then runs the demo once for every test here.
+assert. Builds the world base in its cache ($UNIPERS_HOME/world) on first use (about 25 minutes on 2 cores;
+cached after), then runs the demo once for every test here.
 """
 
 import json

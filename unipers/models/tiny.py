@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TINY_ROOT = Path(__file__).resolve().parents[2] / "checkpoints" / "tiny"
+from unipers.paths import cache_dir
+
 
 # Chameleon's own names for its special tokens, so the tiny world exercises the real code paths.
 BOS, EOS, PAD, UNK, SEP = "<s>", "</s>", "<pad>", "<unk>", "<reserved08706>"
@@ -145,11 +146,12 @@ def build_tiny_chameleon(
 
 
 def ensure_tiny(root: str | os.PathLike | None = None, force: bool = False) -> tuple[Path, Path]:
-    """Build the embedded default once (atomically) and return (backbone_dir, decoder_dir)."""
+    """Build the embedded default once (atomically) and return (backbone_dir, decoder_dir); `root` defaults
+    to the ``tiny`` cache ($UNIPERS_TINY_DIR, else $UNIPERS_HOME/tiny)."""
     from unipers.io import atomic_directory
     from unipers.models.tiny_decoder import build_tiny_decoder
 
-    root = Path(root or os.environ.get("UNIPERS_TINY_DIR", TINY_ROOT))
+    root = Path(root) if root else cache_dir("tiny")
     ar_dir, dec_dir = root / "backbone", root / "decoder"
     if force or not (ar_dir / "config.json").is_file():
         with atomic_directory(ar_dir, overwrite=True) as tmp:

@@ -1,22 +1,20 @@
 """``unipers tiny``: build the embedded tiny base models, and ``--check`` that training moves only a concept's
 rows (the base and every other concept stay bit-identical).
 
-    unipers tiny [--out checkpoints/tiny] [--force] [--check]
+    unipers tiny [--out DIR] [--force] [--check]        # DIR: default $UNIPERS_HOME/tiny
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from unipers.models.tiny import TINY_ROOT, ensure_tiny
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+from unipers.models.tiny import ensure_tiny
+from unipers.paths import cache_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=None, help=f"where to write the presets (default {TINY_ROOT})")
+    parser.add_argument("--out", default=None, help=f"where to write the presets (default {cache_dir('tiny')})")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     parser.add_argument("--check", action="store_true",
                         help="then train one concept a few steps with both losses and verify only its rows moved")
@@ -31,7 +29,7 @@ def check(steps: int = 5, seed: int = 0) -> dict:
     from unipers.models.unified import UnifiedModel
 
     torch.manual_seed(seed)
-    model = UnifiedModel.from_config(load_config([CONFIGS / "base.yaml"]))
+    model = UnifiedModel.from_config(load_config(["base"]))
     model.add_concept("bo", "dog")
     model.add_concept("mam", "cat")
     frozen = {k: v.clone() for k, v in model.backbone.model.state_dict().items()}

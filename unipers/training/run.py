@@ -1,7 +1,8 @@
 """`unipers train`: personalize concept rows (or align the connector) from a config.
 
-    unipers train configs/personalize.yaml data.concepts=[data/bo,data/mam] trainer.max_steps=300 seed=0 run_dir=runs/bo
-    unipers train configs/personalize.yaml ... ckpt_path=last        # resume the run folder's newest checkpoint
+    unipers train personalize data.concepts=[data/bo,data/mam] trainer.max_steps=300 seed=0 run_dir=runs/bo
+    unipers train personalize ... ckpt_path=last        # resume the run folder's newest checkpoint
+    unipers train my_run.yaml                           # a config file of your own
 
 The run folder holds the resolved config, ``run.json`` (git commit, unipers version, base fingerprints,
 command line), ``checkpoints/`` (Lightning, trainable state only), ``concepts/`` (concept files), ``logs/``
@@ -21,7 +22,7 @@ CHECKPOINTS, CONCEPTS, LOGS, SAMPLES = "checkpoints", "concepts", "logs", "sampl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config (e.g. configs/personalize.yaml)")
+    parser.add_argument("config", nargs="?", help="YAML config: a path, or a shipped config's name (personalize)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
 
 
@@ -43,8 +44,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes) when unipers runs from a source checkout;
+    None for an installed wheel, whose version says what ran."""
+    from unipers.paths import source_checkout
+
+    root = source_checkout()
+    if root is None:
+        return None
     try:
-        root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5).stdout.strip()
@@ -77,6 +84,17 @@ def resolve_ckpt(value: str | None, run_dir: Path) -> str | None:
     if not Path(value).is_file():
         raise FileNotFoundError(f"ckpt_path: no such checkpoint {value}")
     return value
+
+
+def check_logger_installed(kind: str) -> None:
+    """Before any model loads: the logger's package is an extra (``pip install "unipers[tensorboard]"``)."""
+    import importlib.util
+
+    from unipers.config import ConfigError
+
+    modules = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}.get(kind, ())
+    if modules and not any(importlib.util.find_spec(m) for m in modules):
+        raise ConfigError(f"trainer.logger={kind}: {kind} is not installed (pip install \"unipers[{kind}]\")")
 
 
 def make_logger(cfg, run_dir: Path):
@@ -154,6 +172,7 @@ def cpu_threads_for_run(cfg, model):
 def train(cfg, callbacks: Sequence = ()) -> Path:
     from unipers.training.callbacks import SlurmRequeue, in_slurm_step
 
+    check_logger_installed(cfg.trainer.logger)
     if in_slurm_step():
         SlurmRequeue.listen()  # before the (slow) model load: an unhandled SIGUSR1 would kill the task
     return (run_align if cfg.stage == "align" else run_personalize)(cfg, callbacks)

@@ -1,6 +1,6 @@
-"""``unipers world build``: train the tiny world's base models on CPU and cache them under ``checkpoints/``.
+"""``unipers world build``: train the tiny world's base models on CPU and cache them (``$UNIPERS_HOME/world``).
 
-    unipers world build [--root checkpoints/world] [--force]
+    unipers world build [--root DIR] [--seed S] [--force]     # DIR: default $UNIPERS_HOME/world
 
 Stages, each written atomically and skipped when already present (a killed build resumes at the stage it
 was in; ``world.json`` is written last and marks the base complete):
@@ -25,8 +25,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-WORLD_ROOT = REPO / "checkpoints" / "world"
 WORLD_VERSION = "world-v7"
 SEED = 0
 THREADS = 1
@@ -50,7 +48,10 @@ def demo_object():
 
 
 def world_root(root: str | os.PathLike | None = None) -> Path:
-    return Path(root or os.environ.get("UNIPERS_WORLD_DIR") or WORLD_ROOT)
+    """`root`, else the ``world`` cache ($UNIPERS_WORLD_DIR, else $UNIPERS_HOME/world)."""
+    from unipers.paths import cache_dir
+
+    return Path(root) if root else cache_dir("world")
 
 
 def is_built(root: str | os.PathLike | None = None) -> bool:
@@ -63,7 +64,7 @@ def world_config(root: str | os.PathLike | None = None, overrides=()):
     from unipers.config import load_config
 
     root = world_root(root).absolute()
-    return load_config([REPO / "configs" / "world.yaml"], [
+    return load_config(["world"], [
         f"backbone.path={root / 'backbone'}", f"decoder.path={root / 'decoder'}",
         f"connector.path={root / 'align' / 'connector.safetensors'}", *overrides])
 
@@ -202,7 +203,7 @@ def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool) -> dict:
 
     blocks = [n for n, m in DiffusionDecoder.from_pretrained(root / "decoder").unet.named_children()
               if any(True for _ in m.parameters())]
-    cfg = load_config([REPO / "configs" / "world.yaml"], [
+    cfg = load_config(["world"], [
         "stage=align", f"seed={seed}", f"run_dir={out}", f"backbone.path={root / 'backbone'}",
         f"decoder.path={root / 'decoder'}", f"data.pairs={root / 'pairs'}", "data.batch_size=32",
         "connector.path=null",
@@ -399,7 +400,7 @@ def _build_stages(root: Path, seed: int, quiet: bool) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="train the tiny world's base models (cached; resumes a killed build)")
-    b.add_argument("--root", default=None, help=f"where to build (default {WORLD_ROOT}, or $UNIPERS_WORLD_DIR)")
+    b.add_argument("--root", default=None, help="where to build (default $UNIPERS_WORLD_DIR, else $UNIPERS_HOME/world; UNIPERS_HOME defaults to ~/.cache/unipers)")
     b.add_argument("--seed", type=int, default=None,
                    help=f"world seed: another draw of the photos and of every stage's initialisation (default {SEED})")
     b.add_argument("--force", action="store_true", help="delete and rebuild from scratch")

@@ -1,6 +1,6 @@
 """``unipers demo``: the whole loop on the tiny world, on CPU, with nothing downloaded.
 
-    unipers demo [--out demo] [--root checkpoints/world] [--steps 2400] [--batch-size 8] [--seed 0]
+    unipers demo [--out demo] [--root DIR] [--steps 2400] [--batch-size 8] [--seed 0]
 
 build or reuse the tiny base (``unipers world build``) -> photograph a never-seen object (5 training
 photos, held-out validation and test views, near-miss and other negatives) -> ``prepare`` -> personalize
@@ -346,7 +346,7 @@ def format_report(r: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo", help="output folder (replaced if it exists; default ./demo)")
-    parser.add_argument("--root", default=None, help="tiny world folder (default checkpoints/world)")
+    parser.add_argument("--root", default=None, help="tiny world folder (default $UNIPERS_WORLD_DIR, else $UNIPERS_HOME/world)")
     parser.add_argument("--steps", type=int, default=DemoSettings.steps, help="personalization steps")
     parser.add_argument("--batch-size", type=int, default=DemoSettings.batch_size, help="personalization batch")
     parser.add_argument("--seed", type=int, default=0)

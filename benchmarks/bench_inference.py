@@ -56,7 +56,7 @@ def bench(name: str, arch: dict, root: Path, repeats: int, new_tokens: int, imag
     prompts = [f"<bo> in scene {i}" for i in range(images)]
 
     def draw(batched):
-        return session.generate(prompts, seed=0, steps=steps, guidance=5.0, batched_cfg=batched)[0]
+        return session.generate(prompts, seed=0, steps=steps, guidance=5.0, batched_cfg=batched).tensors
 
     t_one, x = timed(lambda: draw(True), repeats)
     t_two, y = timed(lambda: draw(False), repeats)

@@ -69,3 +69,14 @@ def test_defaults_cycle_and_missing_file(tmp_path):
         load_config([a])
     with pytest.raises(ConfigError, match="not found"):
         load_config([tmp_path / "nope.yaml"])
+
+
+def test_command_line_items_split_into_configs_and_overrides_in_order(tmp_path, monkeypatch):
+    from unipers.config import split_config_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "site=a.yaml").write_text("seed: 3\n")  # a file whose name holds '=' is still a file
+    items = ["personalize", "backbone/anole-7b", "seed=1", "site=a.yaml", "bank.num_gen=2"]
+    assert split_config_args(items) == (["personalize", "backbone/anole-7b", "site=a.yaml"], ["seed=1", "bank.num_gen=2"])
+    cfg = load_config(*split_config_args(items))
+    assert cfg.seed == 1 and cfg.bank.num_gen == 2 and cfg.backbone.dtype == "bfloat16"

@@ -14,7 +14,7 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -458,6 +458,13 @@ def _parse_override(item: str) -> dict:
         return OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
     except Exception as err:
         raise ConfigError(f"override '{item}': {err}") from err
+
+
+def split_config_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Command-line items -> (configs, key=value overrides), each in the order given: an item with '=' that
+    is not an existing file is an override."""
+    overrides = [i for i in items if "=" in i and not Path(i).is_file()]
+    return [i for i in items if i not in overrides], overrides
 
 
 def load_config(files: list[str | Path] = (), overrides: list[str] = (), schema: type = Config) -> Any:

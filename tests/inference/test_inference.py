@@ -25,14 +25,16 @@ def photos(tmp_path_factory):
 
 def test_same_seed_same_image_and_batch_equals_single_runs(session):
     kw = dict(steps=4, guidance=3.0)
-    a, _ = session.generate(["<bo> on a beach"], seed=5, **kw)
-    b, _ = session.generate(["<bo> on a beach"], seed=5, **kw)
+    a = session.generate(["<bo> on a beach"], seed=5, **kw).tensors
+    b = session.generate(["<bo> on a beach"], seed=5, **kw).tensors
     assert torch.equal(a, b)
-    both, settings = session.generate(["<bo> on a beach", "<bo> and <mam> on a sofa"], seed=5, **kw)
-    single = session.generate(["<bo> and <mam> on a sofa"], seed=5, **kw)[0]
-    assert torch.allclose(both[0], a[0], atol=1e-5) and torch.allclose(both[1], single[0], atol=1e-5)
-    assert [s.seed for s in settings] == [5, 5]
-    other, _ = session.generate(["<bo> on a beach"], seed=6, **kw)
+    both = session.generate(["<bo> on a beach", "<bo> and <mam> on a sofa"], seed=5, **kw)
+    single = session.generate(["<bo> and <mam> on a sofa"], seed=5, **kw).tensors
+    assert torch.allclose(both.tensors[0], a[0], atol=1e-5) and torch.allclose(both.tensors[1], single[0], atol=1e-5)
+    assert [s.seed for s in both.settings] == [5, 5]
+    pil = both.images
+    assert [im.size for im in pil] == [tuple(a.shape[-2:])[::-1]] * 2 and pil[0].mode == "RGB"
+    other = session.generate(["<bo> on a beach"], seed=6, **kw).tensors
     assert not torch.equal(other, a)
 
 
@@ -52,6 +54,35 @@ def test_a_concept_answers_the_same_alone_or_with_others(session, concept_files,
     assert alone.ask("What is <bo>?", max_new_tokens=12) == session.ask("What is <bo>?", max_new_tokens=12)
     probs = session.recognize("bo", photos[0])
     assert len(probs) == 2 and all(0 < p < 1 for p in probs)
+
+
+def test_unloading_one_concept_leaves_the_other_answering_as_alone(concept_files, photos):
+    both = InferenceSession.from_config(load_config([]))
+    both.load(concept_files["bo"])
+    both.load(concept_files["mam"])  # its ids sit after <bo>'s: unloading bo moves them down
+    alone = InferenceSession.from_config(load_config([]))
+    alone.load(concept_files["mam"])
+    both.unload("bo")
+    assert both.concepts == ["mam"] and list(both.files) == ["mam"]
+    assert both.recognize("mam", photos[0]) == alone.recognize("mam", photos[0])
+    assert both.ask("What is <mam>?", max_new_tokens=12) == alone.ask("What is <mam>?", max_new_tokens=12)
+    with pytest.raises(InputError, match="<bo>.*loaded: <mam>"):
+        both.ask("What is <bo>?")
+    with pytest.raises(KeyError, match="'bo' is not loaded"):
+        both.unload("bo")
+
+
+def test_concepts_disabled_is_the_untrained_base_and_gives_every_concept_back(session, tiny_dirs, photos):
+    base = InferenceSession.from_config(load_config([]))
+    q, kw = "What is a dog?", dict(max_new_tokens=12)
+    with_concepts = session.ask("What is <bo>?", **kw), session.recognize("bo", photos[0])
+    with session.concepts_disabled():
+        assert session.concepts == [] and session.ask(q, **kw) == base.ask(q, **kw)
+        assert torch.equal(session.generate(["a dog"], steps=2).tensors, base.generate(["a dog"], steps=2).tensors)
+        with pytest.raises(InputError, match="<bo>"):
+            session.ask("What is <bo>?")
+    assert session.concepts == ["bo", "mam"] and sorted(session.files) == ["bo", "mam"]
+    assert (session.ask("What is <bo>?", **kw), session.recognize("bo", photos[0])) == with_concepts
 
 
 def test_bad_input_is_refused_with_a_clear_message(session, photos):

@@ -39,7 +39,7 @@ def test_align_then_personalize_then_generate(prepared_concepts, tmp_path, tiny_
     assert meta["connector_fingerprint"] == aligned.model.connector_fingerprint
     assert meta["decoder_fingerprint"] == aligned.model.decoder_fingerprint  # the LoRA-merged decoder
     aligned.load(concept)
-    images, _ = aligned.generate(["<bo> on a beach"], steps=2)
+    images = aligned.generate(["<bo> on a beach"], steps=2).tensors
     assert images.shape[0] == 1 and torch.isfinite(images).all()
 
     stock = InferenceSession.from_config(load_config([]))

@@ -51,7 +51,7 @@ def test_killed_build_resumes_at_its_stage_and_loads(micro, tmp_path, monkeypatc
     from unipers.inference.session import InferenceSession
 
     session = InferenceSession.from_config(micro.world_config(root), device="cpu")
-    images, _ = session.generate(["A photo of a star."], num_images=2, steps=2)
+    images = session.generate(["A photo of a star."], num_images=2, steps=2).tensors
     assert images.shape == (2, 3, 32, 32)
 
 

@@ -4,7 +4,7 @@ Each concept has an identifier token (``<bo>``) and latent slots in three groups
 understanding and generation prompts), *und* (understanding only) and *gen* (generation only). Concepts get
 token ids after the base vocabulary (``id >= V``), in the order they were added.
 
-Two facts (measured, see DESIGN.md) shape this file:
+Two facts (measured on this stack) shape this file:
 - Rows live in their own small parameters, spliced in front of the frozen embedding table and appended to
   the frozen lm_head, so no gradient or optimizer state is ever allocated for the base vocabulary.
 - Every (concept, group) is its own Parameter and only groups whose tokens occur in a batch enter the
@@ -14,7 +14,8 @@ Two facts (measured, see DESIGN.md) shape this file:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable, Iterator, Optional
 
 import torch
@@ -144,6 +145,33 @@ class ConceptBank(nn.Module):
         for name in list(self.info):
             del self.rows[name]
         self.info.clear()
+
+    def remove(self, name: str) -> None:
+        """Remove one concept. The concepts after it move down to close the gap: prompts read the ids from
+        the bank when they are encoded, and a concept's outputs do not depend on the others loaded."""
+        if name not in self.info:
+            raise KeyError(f"concept {name!r} is not loaded (loaded: {', '.join(self.names) or 'none'})")
+        del self.rows[name]
+        kept = [i for n, i in self.info.items() if n != name]
+        self.info.clear()
+        next_id = self.base_vocab_size
+        for info in kept:
+            self.info[info.name] = replace(info, first_id=next_id)
+            next_id += info.layout.total
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """No concept is loaded inside the block (the untrained base); the concepts loaded before come back,
+        unchanged, after it (one added inside is dropped)."""
+        info, rows = dict(self.info), {n: self.rows[n] for n in self.info}
+        self.clear()
+        try:
+            yield
+        finally:
+            self.clear()
+            for name, i in info.items():
+                self.rows[name] = rows[name]
+                self.info[name] = i
 
     def concept_rows(self, name: str) -> ConceptRows:
         return self.rows[name]

@@ -164,7 +164,7 @@ class Evaluator:
     def _draw(self, prompt: str, method: str, ref: Optional[Tensor]) -> Tensor:
         s, n = self.s, self.s.images_per_prompt
         if method != "image":
-            return self.session.generate([prompt], seed=s.seed, num_images=n, steps=s.steps, guidance=s.guidance)[0]
+            return self.session.generate([prompt], seed=s.seed, num_images=n, steps=s.steps, guidance=s.guidance).tensors
         # A photo in context: the base reads it like a question's image; the connector sees those states.
         model = self.session.model
         cond = model.condition(*model.encode_batch([prompt] * n, mode="plain", images=[[ref]] * n))
@@ -210,11 +210,6 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"{folder}: no step_*.safetensors or last.safetensors to evaluate")
     return files
-
-
-def unload_concepts(session) -> None:
-    """Empty the session's concept bank, so the next file may hold the same names (a run's step files)."""
-    session.unload()
 
 
 def file_record(path: Path) -> dict:
@@ -276,7 +271,7 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
               else [("concepts", None, files)] if files else [])
     blocks, evaluated = [], None
     for i, (label, step, group) in enumerate(groups):
-        unload_concepts(session)
+        session.unload()  # the next file may hold the same names (a run's step files)
         names = [n for f in group for n in session.load(f)]
         targets = load_targets(folders, names)
         evaluated = evaluated or targets
@@ -288,14 +283,15 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
             rows[name] = ev.evaluate(t, PERSONAL, grid)
         blocks.append(_block(PERSONAL, label, step, group, rows))
     if request.baselines:
-        unload_concepts(session)  # the untrained base: no concept rows at all
         targets = evaluated if evaluated is not None else load_targets(folders)
-        for method in settings.baselines:
-            rows = {}
-            for name, t in targets.items():
-                log(f"eval: base ({method}) {name}")
-                rows[name] = ev.evaluate(t, method, f"{name}_base-{method}")
-            blocks.append(_block(method, "base", None, [], rows))
+        with session.concepts_disabled():  # the untrained base: no concept rows at all
+            for method in settings.baselines:
+                rows = {}
+                for name, t in targets.items():
+                    log(f"eval: base ({method}) {name}")
+                    rows[name] = ev.evaluate(t, method, f"{name}_base-{method}")
+                blocks.append(_block(method, "base", None, [], rows))
+    session.unload()
     targets = evaluated if evaluated is not None else load_targets(folders)
     result = {
         "settings": {**dataclasses.asdict(settings), "generation": request.generation,

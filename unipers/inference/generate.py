@@ -43,11 +43,10 @@ def main(args: argparse.Namespace) -> int:
         fail("give a prompt, or --from-sidecar")
     session = open_session(args)
     try:
-        images, settings = session.generate(args.prompt, negative=args.negative, seed=args.seed,
-                                            num_images=args.num_images, steps=args.steps, guidance=args.guidance,
-                                            size=args.size, scheduler=args.scheduler)
+        output = session.generate(args.prompt, negative=args.negative, seed=args.seed, num_images=args.num_images,
+                                  steps=args.steps, guidance=args.guidance, size=args.size, scheduler=args.scheduler)
     except (InputError, ValueError) as err:
         fail(err)
-    for path in save_images(images, settings, args.out, session.model.fingerprints):
+    for path in save_images(output, args.out, session.model.fingerprints):
         print(path)
     return 0

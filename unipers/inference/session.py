@@ -1,11 +1,15 @@
 """InferenceSession: load the base once, add any number of concept files, then ask, recognize, generate.
 
     from unipers.inference import InferenceSession
-    s = InferenceSession.from_config(load_config(["configs/base.yaml"]))
+    s = InferenceSession.from_config(load_config(["base"]))
     s.load("runs/bo/concepts/last.safetensors"); s.load("runs/mam/concepts/last.safetensors")
     s.ask("What is <bo> doing?", images=["photo.jpg"])
     s.recognize("bo", ["a.jpg", "b.jpg"])            # P(yes) per image
-    s.generate(["<bo> and <mam> on a sofa"], seed=0)  # images in [0, 1]
+    out = s.generate(["<bo> and <mam> on a sofa"], seed=0)
+    out.images[0].save("sofa.png")                     # PIL images; out.tensors, out.settings
+    s.unload("mam")                                    # one concept; s.unload() for all
+    with s.concepts_disabled():                        # the untrained base
+        s.ask("What is a dog?")
 
 Every input is checked before any work: a concept the prompt names but no file provides (the message
 lists the loaded ones), a concept file made for another base, an unreadable image (named), a prompt
@@ -15,9 +19,10 @@ longer than the model's context.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -27,9 +32,32 @@ from unipers.concepts.prompts import IMAGE_MARKER, PromptError
 from unipers.models.padding import pad_batch
 from unipers.models.unified import UnifiedModel
 
+if TYPE_CHECKING:
+    import PIL.Image
+
 
 class InputError(ValueError):
     """Bad input to ask / recognize / generate; the message names the file or the problem."""
+
+
+@dataclass
+class GenerationOutput:
+    """What `InferenceSession.generate` returns: one entry per image, prompts x ``num_images`` in order."""
+
+    tensors: Tensor
+    """(N, 3, H, W), float in [0, 1]."""
+    settings: list["GenerationSettings"]
+    """Everything that determines each image (prompt, seed, steps, ...): enough to make it again."""
+
+    @property
+    def images(self) -> list["PIL.Image.Image"]:
+        """The images as PIL RGB images."""
+        from torchvision.transforms.functional import to_pil_image
+
+        return [to_pil_image(t.clamp(0, 1).cpu()) for t in self.tensors]
+
+    def __len__(self) -> int:
+        return len(self.settings)
 
 
 @dataclass
@@ -75,10 +103,25 @@ class InferenceSession:
         self.files.update({n: str(path) for n in names})
         return names
 
-    def unload(self) -> None:
-        """Remove every loaded concept (e.g. before loading the next step file of the same run)."""
-        self.model.bank.clear()
-        self.files.clear()
+    def unload(self, name: Optional[str] = None) -> None:
+        """Remove one concept, or every loaded one (e.g. before loading the next step file of a run)."""
+        if name is None:
+            self.model.bank.clear()
+            self.files.clear()
+        else:
+            self.model.bank.remove(name)
+            self.files.pop(name, None)
+
+    @contextmanager
+    def concepts_disabled(self) -> Iterator[None]:
+        """Answer and generate with the untrained base inside the block; the concepts are back after it."""
+        files = dict(self.files)
+        with self.model.bank.disabled():
+            self.files.clear()
+            try:
+                yield
+            finally:
+                self.files.update(files)
 
     # ---- checks -----------------------------------------------------------------------------------------
     def _check_prompt(self, text: str) -> None:
@@ -193,9 +236,10 @@ class InferenceSession:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, negative: str = "", seed: int = 0, num_images: int = 1,
                  steps: int = 25, guidance: float = 5.0, size: Optional[int] = None, scheduler: Optional[str] = None,
-                 batched_cfg: bool = True) -> tuple[Tensor, list[GenerationSettings]]:
-        """Images (N, 3, H, W) in [0, 1] for every prompt x `num_images`; image i of a prompt uses seed + i,
-        so a batch of prompts gives the same images as one call per prompt."""
+                 batched_cfg: bool = True) -> GenerationOutput:
+        """`num_images` images for every prompt (``.images``: PIL; ``.tensors``: (N, 3, H, W) in [0, 1];
+        ``.settings``); image i of a prompt uses seed + i, so a batch of prompts gives the same images as one
+        call per prompt."""
         for text in (*prompts, negative):
             self._check_prompt(text)
         texts = [p for p in prompts for _ in range(num_images)]
@@ -211,11 +255,10 @@ class InferenceSession:
         files = sorted(set(self.files.values()))
         settings = [GenerationSettings(t, negative, s, steps, guidance, size, scheduler, files)
                     for t, s in zip(texts, seeds)]
-        return images, settings
+        return GenerationOutput(images, settings)
 
 
-def save_images(images: Tensor, settings: Sequence[GenerationSettings], out_dir: str | os.PathLike,
-                fingerprints: dict[str, str]) -> list[Path]:
+def save_images(output: GenerationOutput, out_dir: str | os.PathLike, fingerprints: dict[str, str]) -> list[Path]:
     """PNG + JSON sidecar per image, and grid.png; each file appears whole (atomic) or not at all."""
     import json
     import re
@@ -228,7 +271,7 @@ def save_images(images: Tensor, settings: Sequence[GenerationSettings], out_dir:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for image, s in zip(images, settings):
+    for image, s in zip(output.tensors, output.settings):
         slug = re.sub(r"[^A-Za-z0-9]+", "_", s.prompt).strip("_")[:48] or "image"
         png = out / f"{slug}_seed{s.seed}.png"
         with atomic_file(png, suffix=".png") as tmp:
@@ -238,5 +281,5 @@ def save_images(images: Tensor, settings: Sequence[GenerationSettings], out_dir:
                                       indent=2) + "\n")
         written.append(png)
     with atomic_file(out / "grid.png", suffix=".png") as tmp:
-        save_image(make_grid(images, nrow=min(len(images), 8), padding=2), tmp, format="png")
+        save_image(make_grid(output.tensors, nrow=min(len(output), 8), padding=2), tmp, format="png")
     return written

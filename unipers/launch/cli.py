@@ -44,11 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from unipers.config import ConfigError
+    from unipers.config import ConfigError, split_config_args
     from unipers.launch.slurm import plan, read_concepts, submit
 
-    files = [a for a in args.inputs if "=" not in a]
-    overrides = [a for a in args.inputs if "=" in a]
+    files, overrides = split_config_args(args.inputs)
     try:
         concepts = read_concepts(args.concepts) if args.concepts else None
         job = plan(files, overrides, concepts=concepts, evaluate=args.eval)

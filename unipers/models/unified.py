@@ -1,6 +1,6 @@
 """UnifiedModel: backbone + connector + decoder around one ConceptBank.
 
-    model = UnifiedModel.from_config(load_config(["configs/backbone/tiny.yaml"]))
+    model = UnifiedModel.from_config(load_config(["personalize"]))      # or .from_pretrained(dirs...)
     model.add_concept("bo", "dog")
     ids, mask = model.encode_batch(["A photo of <bo> on a beach."], mode="gen")
     loss = model.diffusion_loss(ids, mask, latents)
@@ -57,6 +57,29 @@ class UnifiedModel(nn.Module):
         self.prompts = PromptBuilder.for_backbone(backbone, describe_question=describe_first,
                                                   describe_tokens=describe_tokens)
         self.decoder_fingerprint = fingerprint(decoder, config_fields(decoder.unet.config))
+
+    @classmethod
+    def from_pretrained(cls, backbone: str | os.PathLike, decoder: str | os.PathLike,
+                        connector: str | os.PathLike | None = None, *, layout: SlotLayout = SlotLayout(),
+                        head_rows: str = "identifier", dtype: str = "float32",
+                        describe_first: Optional[str] = None) -> "UnifiedModel":
+        """Local folders (or "tiny"), like ``from_config`` with those values; `connector` is an aligned
+        connector file (its decoder delta, if any, is applied), None for a fresh one.
+
+            model = UnifiedModel.from_pretrained("checkpoints/anole-7b", "checkpoints/sd15",
+                                                 "aligned/connector.safetensors", dtype="bfloat16")
+        """
+        from dataclasses import replace
+
+        from unipers.config import Config
+
+        cfg = Config()
+        cfg.backbone = replace(cfg.backbone, path=str(backbone), dtype=dtype, describe_first=describe_first)
+        cfg.decoder = replace(cfg.decoder, path=str(decoder), dtype=dtype)
+        cfg.connector = replace(cfg.connector, path=None if connector is None else str(connector))
+        cfg.bank = replace(cfg.bank, num_shared=layout.num_shared, num_und=layout.num_und, num_gen=layout.num_gen,
+                           head_rows=head_rows)
+        return cls.from_config(cfg)
 
     @classmethod
     def from_config(cls, cfg) -> "UnifiedModel":
@@ -184,6 +207,12 @@ class UnifiedModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The optimizer's allow-list: parameters flagged trainable, and nothing else."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def print_trainable_parameters(self) -> None:
+        """One line, as peft prints it: trainable parameters (the concept rows), all parameters, the share."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def train(self, mode: bool = True) -> "UnifiedModel":
         super().train(mode)

@@ -2,7 +2,7 @@
 
     unipers train personalize data.concepts=[data/bo,data/mam] trainer.max_steps=300 seed=0 run_dir=runs/bo
     unipers train personalize ... ckpt_path=last        # resume the run folder's newest checkpoint
-    unipers train my_run.yaml                           # a config file of your own
+    unipers train personalize backbone/anole-7b decoder/sd15 my_site.yaml key=value ...   # merged in order
 
 The run folder holds the resolved config, ``run.json`` (git commit, unipers version, base fingerprints,
 command line), ``checkpoints/`` (Lightning, trainable state only), ``concepts/`` (concept files), ``logs/``
@@ -22,19 +22,16 @@ CHECKPOINTS, CONCEPTS, LOGS, SAMPLES = "checkpoints", "concepts", "logs", "sampl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML config: a path, or a shipped config's name (personalize)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+    parser.add_argument("items", nargs="*", metavar="CONFIG... key=value...",
+                        help="YAML configs (paths, or shipped names: personalize, backbone/anole-7b), merged in "
+                             "order, then key=value overrides (e.g. trainer.max_steps=100)")
 
 
 def main(args: argparse.Namespace) -> int:
-    from unipers.config import ConfigError, load_config
+    from unipers.config import ConfigError, load_config, split_config_args
 
-    files = [args.config] if args.config else []
-    overrides = list(args.overrides)
-    if args.config and "=" in args.config and not Path(args.config).is_file():
-        files, overrides = [], [args.config, *overrides]  # `unipers train key=value ...` without a file
     try:
-        cfg = load_config(files, overrides)
+        cfg = load_config(*split_config_args(args.items))
     except ConfigError as err:
         print(f"unipers train: {err}", file=sys.stderr)
         return 2

@@ -179,8 +179,8 @@ def measure(session, concept_file: Path, photos: dict, classifier, s: DemoSettin
     near = neg[:N_TEST_NEAR]
     recognition = {"pos": sum(pos) / len(pos), "neg": sum(neg) / len(neg), "near_miss_neg": sum(near) / len(near)}
     recognition["weighted"] = (recognition["pos"] + recognition["neg"]) / 2
-    images, _ = session.generate([f"A photo of <{NAME}>."], seed=s.seed, num_images=N_GEN, steps=s.gen_steps,
-                                 guidance=s.guidance)
+    images = session.generate([f"A photo of <{NAME}>."], seed=s.seed, num_images=N_GEN, steps=s.gen_steps,
+                              guidance=s.guidance).tensors
     images_dir.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images[:8]):
         save_image(img, images_dir / f"{tag}_{i:02d}.png")
@@ -198,7 +198,7 @@ def class_word_generation(session, classifier, s: DemoSettings, images_dir: Path
 
     session.unload()
     prompt = f"A photo of {with_article(demo_object().shape)}."
-    images, _ = session.generate([prompt], seed=s.seed, num_images=N_GEN, steps=s.gen_steps, guidance=s.guidance)
+    images = session.generate([prompt], seed=s.seed, num_images=N_GEN, steps=s.gen_steps, guidance=s.guidance).tensors
     save_image(images, images_dir / "grid_class_word.png", nrow=8, padding=1)
     return {"prompt": prompt, **attribute_match(classifier, images, demo_object())}
 

@@ -3,9 +3,19 @@ loaded back through the same ``from_pretrained`` path real checkpoints use. Noth
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
+
+# torch.compile keeps compiled kernels on disk (/tmp/torchinductor_$USER) across processes. A cache filled
+# under the CPU's own kernels crashed a later run under ATEN_CPU_CAPABILITY=avx2 (segmentation fault in the
+# compiled forward), so each test run compiles into a folder of its own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="unipers-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,7 @@ def test_negatives_are_other_concepts_held_out_photos(prepared_concepts):
 def test_an_always_yes_model_scores_one_zero_and_a_half(session, settings, prepared_concepts, monkeypatch):
     def always_yes(session_, seqs, batch_size=8):
         logits = torch.zeros(len(seqs), 10_000)
-        logits[:, ev.yes_id] = 5.0
+        logits[:, session.backbone.yes_no_ids[0]] = 5.0
         return logits
 
     ev = Evaluator(session, settings)

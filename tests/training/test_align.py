@@ -18,7 +18,8 @@ from unipers.data.pairs import CaptionFolderDataset, TarShardDataset, build_alig
 from unipers.models.connector import read_connector_metadata
 from unipers.models.unified import UnifiedModel
 from unipers.models.decoder_delta import apply_decoder_delta, decoder_delta_path
-from unipers.training.align import AlignModule, warmup_cosine
+from unipers.training.align import AlignModule
+from unipers.training.schedule import warmup_cosine
 
 SIZE = 32  # the tiny decoder's image size
 
@@ -254,9 +255,12 @@ def test_caption_dropout_blanks_a_seeded_share(model):
 
 
 def test_warmup_cosine_schedule():
-    lr = [warmup_cosine(s, warmup_steps=4, max_steps=12) for s in range(14)]
+    lr = [warmup_cosine(s, 12, ramp=4, delay=4) for s in range(14)]
     assert lr[:4] == [0.25, 0.5, 0.75, 1.0] and lr[4] == 1.0 and lr[12] == lr[13] == 0.0
     assert all(a >= b for a, b in zip(lr[3:], lr[4:]))
+    under = [warmup_cosine(s, 12, ramp=4, floor=0.1) for s in range(12)]  # the ramp over a decay from step 0
+    assert under[0] == 0.25 and under[3] < 1.0 and abs(min(under) - 0.1) < 0.02
+    assert [warmup_cosine(s, 12, ramp=3, delay=2, floor=1.0) for s in (0, 1, 2, 11)] == [1 / 3, 2 / 3, 1.0, 1.0]
 
 
 # ---- outputs --------------------------------------------------------------------------------------------

@@ -54,8 +54,6 @@ class Evaluator:
         self._tokens: dict[str, Tensor] = {}
         self._descriptions: dict[str, list[int]] = {}
         self._refs: dict[tuple[str, Path], dict[str, Tensor]] = {}
-        tok = session.backbone.tokenizer
-        self.yes_id, self.no_id = (tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
 
     def tokens(self, paths: Sequence[Path]) -> list[Tensor]:
         """VQ tokens per image, encoded once per content (prepared folders hold copies of shared photos)."""
@@ -105,7 +103,7 @@ class Evaluator:
         else:
             seqs = [p.question(f"{IMAGE}\n{question}", [tok]) for tok in tokens]
         logits = first_token_logits(self.session, seqs, self.s.batch_size)
-        by_logit = (logits[:, self.yes_id] > logits[:, self.no_id]).tolist()
+        by_logit = self.session.backbone.says_yes(logits).tolist()
         by_text = [M.parse_yes_no(text) for _, text in self._answers(seqs)]
         for key, decisions in (("recognition", by_logit), ("recognition_text", by_text)):
             acc = M.recognition_accuracy(decisions, labels)

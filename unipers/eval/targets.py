@@ -17,7 +17,6 @@ of a shared image; a negative with the same bytes as one of the concept's positi
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -89,15 +88,16 @@ def _held_out(samples: list[Sample], keep) -> tuple[Optional[str], list[Sample]]
 
 
 def content_key(path: Path, _cache: dict = {}) -> str:  # noqa: B006  (a process-wide cache on purpose)
-    """SHA-1 of the decoded RGB pixels (and size): two folders' copies of one photo get the same key even if
-    their files were encoded differently."""
+    """The decoded pixels' digest (`unipers.data.images.pixel_digest`): two folders' copies of one photo get
+    the same key even if their files were encoded differently."""
     key = str(path)
     if key not in _cache:
         from PIL import Image
 
+        from unipers.data.images import pixel_digest
+
         with Image.open(path) as im:
-            rgb = im.convert("RGB")
-            _cache[key] = hashlib.sha1(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+            _cache[key] = pixel_digest(im.convert("RGB"))
     return _cache[key]
 
 

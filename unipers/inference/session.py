@@ -211,14 +211,12 @@ class InferenceSession:
         """P(yes) per image, from the Yes/No answer-token logits after the question."""
         if concept not in self.model.bank:
             self._check_prompt(f"<{concept}>")
-        tok, bb = self.backbone.tokenizer, self.backbone
-        yes, no = (tok(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+        bb = self.backbone
         seqs = self.recognition_prompts(question.format(name=concept), self.image_tokens(images))
-        ids, mask = pad_batch(seqs, tok.pad_token_id, side="left")
+        ids, mask = pad_batch(seqs, bb.tokenizer.pad_token_id, side="left")
         ids, mask = ids.to(bb.device), mask.to(bb.device)
         hidden, _ = bb.hidden_states(ids, mask)
-        logits = bb.logits(hidden[:, -1], bb.bank.presence(ids)).float()
-        return torch.softmax(logits[:, [yes, no]], -1)[:, 0].tolist()
+        return bb.yes_probability(bb.logits(hidden[:, -1], bb.bank.presence(ids))).tolist()
 
     def recognition_prompts(self, question: str, images: Sequence[Tensor]) -> list[list[int]]:
         """Prompt ids of a question about each image (VQ tokens): the image, then the question; or, with

@@ -164,6 +164,24 @@ class ARBackbone(nn.Module):
             return base
         return torch.cat([base, self.bank.head_logits(hidden, presence)], -1)
 
+    # ---- the recognition decision: one place for training, inference and eval --------------------------
+    @property
+    def yes_no_ids(self) -> tuple[int, int]:
+        """Token ids of "Yes" and "No", the first token of a recognition answer."""
+        if getattr(self, "_yes_no_ids", None) is None:
+            self._yes_no_ids = tuple(self.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("Yes", "No"))
+        return self._yes_no_ids
+
+    def says_yes(self, logits: Tensor) -> Tensor:
+        """The decision, from the logits (..., V) of an answer's first token: "Yes" outscores "No"."""
+        yes, no = self.yes_no_ids
+        return logits[..., yes] > logits[..., no]
+
+    def yes_probability(self, logits: Tensor) -> Tensor:
+        """P(yes) from the same logits: a softmax over "Yes" and "No" alone (> 0.5 exactly where `says_yes`)."""
+        yes, no = self.yes_no_ids
+        return torch.softmax(logits[..., [yes, no]].float(), -1)[..., 0]
+
     def full_logits(self, ids: Tensor, attention_mask: Optional[Tensor] = None, text_only: bool = True) -> Tensor:
         """(B, L, V + concept tokens) logits: for tests, export checks and small-scale inspection."""
         hidden, _ = self.hidden_states(ids, attention_mask)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -33,14 +32,7 @@ from torch import Tensor
 from unipers import __version__
 from unipers.io import atomic_file, save_safetensors_atomic
 from unipers.models.decoder_delta import DECODER_MODES, DELTA_FORMAT, LoRALinear, add_lora, decoder_delta_path
-
-
-def warmup_cosine(step: int, *, warmup_steps: int, max_steps: int) -> float:
-    """LR factor: linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+from unipers.training.schedule import warmup_cosine
 
 
 class AlignModule(L.LightningModule):
@@ -126,7 +118,8 @@ class AlignModule(L.LightningModule):
         groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": self.weight_decay},
                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]  # no decay: biases, norms
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
-        schedule = functools.partial(warmup_cosine, warmup_steps=self.warmup_steps, max_steps=self.max_steps)
+        schedule = functools.partial(warmup_cosine, total=self.max_steps, ramp=self.warmup_steps,
+                                     delay=self.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -56,9 +56,6 @@ class PersonalizeModule(L.LightningModule):
         trainable = {id(p) for p in model.trainable_parameters()}
         self._ddp_params_and_buffers_to_ignore = [
             n for n, p in self.named_parameters() if id(p) not in trainable] + [n for n, _ in self.named_buffers()]
-        tok = model.backbone.tokenizer
-        self.yes_id = tok("Yes", add_special_tokens=False).input_ids[0]
-        self.no_id = tok("No", add_special_tokens=False).input_ids[0]
         self._val: list[dict] = []
 
     # ---- helpers ----------------------------------------------------------------------------------------
@@ -159,8 +156,7 @@ class PersonalizeModule(L.LightningModule):
         hidden, _ = bb.hidden_states(ids, mask)
         first = (labels != -100).float().argmax(1) - 1
         h = hidden[torch.arange(len(rows)), first]
-        logits = bb.logits(h, bb.bank.presence(ids))
-        return (logits[:, self.yes_id] > logits[:, self.no_id]).tolist()
+        return bb.says_yes(bb.logits(h, bb.bank.presence(ids))).tolist()
 
     def on_validation_epoch_end(self) -> None:
         outs, self._val = self._val, []

@@ -15,6 +15,16 @@ from unipers.config import ConfigError, StageConfig
 from unipers.data.collate import StageFormat
 
 
+def warmup_cosine(step: int, total: int, *, ramp: int = 0, delay: int = 0, floor: float = 0.0) -> float:
+    """The LR multiplier at `step` of `total`: a linear ramp ``(step + 1) / ramp`` up to 1, times a cosine from
+    1 down to `floor` that starts after `delay` steps (``floor=1``: constant after the ramp).
+
+    ``ramp=W, delay=W`` warms up, then decays over the rest; ``delay=0`` decays from step 0 under the ramp."""
+    warm = min(1.0, (step + 1) / ramp) if ramp else 1.0
+    progress = min(1.0, max(0, step - delay) / max(1, total - delay))
+    return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 class Schedule:
     def __init__(self, stages: Sequence[StageConfig], max_steps: int, *, warmup_steps: int = 0,
                  lr_schedule: str = "cosine"):
@@ -46,15 +56,12 @@ class Schedule:
         return self.stages[self.index_at(step)]
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak LR: linear warm-up, then cosine to 10%, restarted in every stage."""
+        """Multiplier of the peak LR: linear warm-up, then cosine to 10% (or constant), restarted in every
+        stage."""
         i = self.index_at(step)
-        local, length = step - self.starts[i], self.ends[i] - self.starts[i]
-        if local < self.warmup_steps:
-            return (local + 1) / (self.warmup_steps + 1)
-        if self.lr_schedule == "constant":
-            return 1.0
-        progress = (local - self.warmup_steps) / max(1, length - self.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        floor = 1.0 if self.lr_schedule == "constant" else 0.1
+        return warmup_cosine(step - self.starts[i], self.ends[i] - self.starts[i], ramp=self.warmup_steps + 1,
+                             delay=self.warmup_steps, floor=floor)
 
     def formats(self) -> list[StageFormat]:
         return [StageFormat(self_prompting=s.self_prompting, image_tokens=s.losses.image_tokens > 0)

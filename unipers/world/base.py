@@ -178,8 +178,8 @@ def _standardized_codebook(model) -> tuple[Tensor, Tensor]:
 def init_image_embeddings(model, seed: int = 0) -> None:
     """Start the AR model's image-token embeddings at the VQ codebook: each code's vector, standardized per
     dimension, through a fixed random orthonormal map to the hidden size, at the table's scale. Codes that
-    look alike then start alike. world-v5's own descriptions name the shape right 0.93 of the time; world-v4,
-    from a random start, answered "What shape is the object?" right 0.37 (benchmarks/README.md)."""
+    look alike then start alike, so the base reads a photo of an object it never saw like the seen ones it
+    resembles."""
     codebook, ids = _standardized_codebook(model)
     table = model.get_input_embeddings().weight
     width = max(codebook.shape[1], table.shape[1])
@@ -360,9 +360,8 @@ def weighted_answer_loss(logits: Tensor, labels: Tensor, first_weight: float,
 
     The first token carries the decision (Yes / No, the colour...); the rest of a templated answer mostly
     repeats the question, and would otherwise drown the decision's gradient. In a described example the
-    description is labelled too: with only a row's first token (the description's) weighted, the base
-    answered No to every photo after 2,000 steps; with every answer's first token at 5x it compared one
-    attribute; 20x on the decision, with partial descriptions, taught more than one (benchmarks/README.md)."""
+    description is labelled too, so the decision after it gets its own, larger weight: a base whose
+    decision weighs no more than its description's first word learns to say No to everything."""
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
     loss = F.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
     _, weights = _answer_weights(targets, first_weight, decision_weight)
@@ -426,6 +425,7 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
     from torch.nn.utils import parametrize
 
     from unipers.models.padding import pad_batch
+    from unipers.training.schedule import warmup_cosine
 
     rng = random.Random(f"pretrain/{seed}")
     torch.manual_seed(seed)
@@ -442,8 +442,7 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, ramp=warmup, floor=0.1))
     pad = prompts.tokenizer.pad_token_id
     model.train()
     ema = None

@@ -20,6 +20,9 @@ Settings (what the arm's process is given; the competitor is the same in every a
 - ``one``: ``OMP_NUM_THREADS=1``.
 - ``unipers``: no variables set: whatever unipers itself decides (``unipers.runtime``).
 
+The world build trains its decoder side (VAE, judge) in a second process, on one thread in every arm; the
+settings apply to the main process (tokenizer, pre-training, align) and to the personalization.
+
 Prints a markdown table and writes JSON (default benchmarks/results/contention.json).
 """
 
@@ -64,7 +67,7 @@ def child(scale: float, out: Path, raw_threads: bool) -> None:
     if raw_threads:  # the other arms: torch's own thread choice (or the variables'), not unipers'
         from unipers import runtime
 
-        build.THREADS = None
+        build.THREADS = torch.get_num_threads()  # the process's own count: torch's choice, or the variables'
         runtime.threads_for = lambda setting, n_params: None
     build.STEPS = {k: max(1, round(v * scale)) for k, v in build.STEPS.items()}
     t0 = time.perf_counter()

@@ -13,8 +13,8 @@ others spanning every shape, colour and pattern but dotted) from the training ph
 negatives. Then it describes fresh photos of each held-out object and of seen objects, and counts
 descriptions naming the colour, the pattern, the shape, and all three right.
 
-The build's bases are re-drawn by the seed here (and by any float-level change in practice: see
-"A re-rolled base" in benchmarks/README.md). Prints a markdown table; JSON in
+The build's bases are re-drawn by the seed here (and by any float-level change in practice: another CPU's
+kernels or thread count draw another base). Prints a markdown table; JSON in
 benchmarks/results/world_descriptions.json.
 """
 

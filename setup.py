@@ -31,6 +31,7 @@ setup(
         "transformers>=5.20,<6",
         "tokenizers>=0.22",
         "diffusers>=0.40,<0.50",
+        "peft>=0.17",  # LoRA on the decoder in the align stage (through diffusers' add_adapter)
         "omegaconf>=2.4",  # register_resolver (the ${cache:...} paths)
         "einops>=0.8",
         "safetensors>=0.4",

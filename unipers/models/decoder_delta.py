@@ -1,8 +1,8 @@
-"""The decoder side of the align stage, in the models layer: LoRA wrappers for the UNet's attention
+"""The decoder side of the align stage, in the models layer: LoRA adapters (peft) on the UNet's attention
 projections, and the decoder delta file (``*.decoder.safetensors`` beside an aligned connector) that holds
 only the trained decoder tensors and is applied to the stock decoder when a model is built.
 
-    wrapped = add_lora(decoder.unet, rank=8)                      # training: {module path: LoRALinear}
+    factors = add_lora(decoder.unet, rank=8)                      # training: {module path: LoraFactors}
     apply_decoder_delta(decoder, decoder_delta_path("aligned/connector.safetensors"))   # loading
 
 A delta records the fingerprint of the decoder it was trained on and is refused on any other, including a
@@ -11,15 +11,13 @@ decoder it was already applied to.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
-from torch import Tensor, nn
+from torch import nn
 
 from unipers.concepts.io import ConceptFileError
 from unipers.models.fingerprint import config_fields, fingerprint
@@ -29,51 +27,30 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DELTA_FORMAT = "decoder-delta-v1"
 
 
-class LoRALinear(nn.Module):
-    """``base(x) + scale * B(A(x))`` around a frozen ``nn.Linear``. B starts at zero (training starts at the
-    base); the factors are float32 whatever the base dtype, so AdamW never steps bf16 weights."""
+def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> dict[str, nn.Module]:
+    """LoRA adapters (peft, through diffusers' ``add_adapter``) on every attention projection
+    (``to_q, to_k, to_v, to_out.0``) of ``unet``: {module path: its peft LoRA layer}; `lora_factors` reads one. B starts at zero, so training
+    starts at the base; the factors are float32 whatever the base dtype, so AdamW never steps bf16 weights."""
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None,
-                 generator: torch.Generator | None = None):
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"lora_rank must be >= 1, got {rank}")
-        self.base, self.rank = base, rank
-        self.scale = (alpha if alpha is not None else rank) / rank
-        a = torch.empty(rank, base.in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
-        self.lora_A = nn.Parameter(a.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
-        return out + (F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale).to(out.dtype)
-
-    def delta(self) -> Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)
+    if rank < 1:
+        raise ValueError(f"lora_rank must be >= 1, got {rank}")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(LORA_TARGETS),
+                        init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the same initial factors on every rank
+        try:
+            unet.add_adapter(config)
+        except ValueError as err:  # peft: no module matched the targets
+            raise ValueError(f"the UNet has no attention projections to put LoRA on ({err})") from None
+    cast_training_params(unet, dtype=torch.float32)
+    return {name: m for name, m in unet.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
-def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> dict[str, LoRALinear]:
-    """Wrap every attention projection (``to_q, to_k, to_v, to_out.0``) of ``unet``: {module path: wrapper}."""
-    generator = torch.Generator().manual_seed(seed)  # the same initial factors on every rank
-    attentions = [(name, m) for name, m in unet.named_modules() if hasattr(m, "to_q") and hasattr(m, "to_out")]
-    wrapped: dict[str, LoRALinear] = {}
-    for name, attn in attentions:
-        for target in LORA_TARGETS:
-            parent, _, leaf = f"{name}.{target}".rpartition(".")
-            holder = unet.get_submodule(parent)
-            base = holder[int(leaf)] if leaf.isdigit() else getattr(holder, leaf)
-            if not isinstance(base, nn.Linear):
-                continue
-            lora = LoRALinear(base, rank, alpha, generator)
-            if leaf.isdigit():
-                holder[int(leaf)] = lora
-            else:
-                setattr(holder, leaf, lora)
-            wrapped[f"{name}.{target}"] = lora
-    if not wrapped:
-        raise ValueError("the UNet has no attention projections to put LoRA on")
-    return wrapped
+def lora_factors(layer: nn.Module) -> tuple[nn.Parameter, nn.Parameter, float]:
+    """(A (rank, in), B (out, rank), scale) of a peft LoRA layer: it computes ``W + scale * B @ A``."""
+    return layer.lora_A["default"].weight, layer.lora_B["default"].weight, float(layer.scaling["default"])
 
 
 def decoder_delta_path(connector_path: str | os.PathLike) -> Path:

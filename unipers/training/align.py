@@ -27,11 +27,12 @@ from typing import Sequence
 
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from unipers import __version__
 from unipers.io import atomic_file, save_safetensors_atomic
-from unipers.models.decoder_delta import DECODER_MODES, DELTA_FORMAT, LoRALinear, add_lora, decoder_delta_path
+from unipers.models.decoder_delta import (DECODER_MODES, DELTA_FORMAT, add_lora, decoder_delta_path,
+                                          lora_factors)
 from unipers.training.schedule import warmup_cosine
 
 
@@ -68,12 +69,9 @@ class AlignModule(L.LightningModule):
         model.requires_grad_(False)
         model.freeze_connector(False)
         unet = model.decoder.unet
-        self.lora: dict[str, LoRALinear] = {}
+        self.lora: dict[str, nn.Module] = {}
         if train_decoder == "lora":
             self.lora = add_lora(unet, lora_rank, seed=seed)
-            for wrapper in self.lora.values():
-                wrapper.lora_A.requires_grad_(True)
-                wrapper.lora_B.requires_grad_(True)
         elif train_decoder == "blocks":
             children = [n for n, _ in unet.named_children()]
             for block in unfreeze_blocks:
@@ -156,10 +154,9 @@ class AlignModule(L.LightningModule):
         if self.train_decoder == "lora":
             meta["lora_rank"] = str(self.lora_rank)
             tensors = {}
-            for name, w in self.lora.items():
-                tensors[f"unet.{name}.lora_A"] = w.lora_A
-                tensors[f"unet.{name}.lora_B"] = w.lora_B
-                meta[f"scale.unet.{name}"] = repr(w.scale)
+            for name, layer in self.lora.items():
+                tensors[f"unet.{name}.lora_A"], tensors[f"unet.{name}.lora_B"], scale = lora_factors(layer)
+                meta[f"scale.unet.{name}"] = repr(scale)
         else:
             prefix = "model.decoder."
             named = dict(self.named_parameters())

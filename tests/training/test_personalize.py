@@ -243,7 +243,7 @@ def test_the_decision_weight_lands_on_each_recognition_answers_yes_or_no(prepare
     """personalize.decision_weight weights exactly one token per recognition answer, its Yes or No, in the
     order understanding_loss(reduction="none") returns per-token losses; other answers keep weight 1."""
     from unipers.data.datamodule import ConceptDataModule
-    from unipers.training.personalize import answer_token_weights
+    from unipers.training.losses import answer_token_weights
 
     model = UnifiedModel.from_config(load_config([CONFIGS / "personalize.yaml"]))
     for name, word in (("bo", "dog"), ("mam", "cat")):

@@ -186,6 +186,17 @@ class ConceptBank(nn.Module):
             if head:
                 yield from (p for g, p in rows.head.items() if g in groups)
 
+    def drop_gradients(self, keep: Iterable[str]) -> None:
+        """Before the optimizer step: the gradient of every slot group not in `keep`, and of rows this step
+        did not touch (all zero), becomes None, so AdamW (weight decay and momentum included) skips them and
+        exactly the rows a stage names move."""
+        keep = set(keep)
+        for rows in self.rows.values():
+            for table in (rows.embed, rows.head):
+                for group, p in table.items():
+                    if group not in keep or p.grad is None or not bool(p.grad.any()):
+                        p.grad = None
+
     def _group_params(self) -> Iterator[tuple[ConceptInfo, str, nn.Parameter, Optional[nn.Parameter]]]:
         for name, info in self.info.items():
             rows = self.rows[name]

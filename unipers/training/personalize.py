@@ -1,6 +1,7 @@
 """PersonalizeModule: trains concept rows with the understanding, AR image-token and diffusion losses.
 
-The module composes; the math lives in the parts (`ARBackbone`, `DiffusionDecoder`, `Schedule`).
+The module composes; the math lives in the parts: the objective in `PersonalizeLoss` (losses.py), the
+gradient step of the rows in `ConceptBank.drop_gradients`, the LR in `Schedule`.
 
 Three properties are kept on purpose:
 - **Exactly the rows a stage names move.** After backward (and DDP's all-reduce) the gradients of slot
@@ -22,27 +23,8 @@ import torch
 from torch import Tensor
 
 from unipers.models.unified import UnifiedModel
+from unipers.training.losses import PersonalizeLoss
 from unipers.training.schedule import Schedule
-
-_MASK64 = (1 << 63) - 1
-
-
-def sample_seed(seed: int, step: int, uid: int) -> int:
-    return ((seed * 1_000_003 + step) * 1_000_033 + uid) & _MASK64
-
-
-def answer_token_weights(labels: Tensor, decisions: list, decision_weight: float) -> Tensor:
-    """A weight per labelled answer token, in ``understanding_loss(reduction="none")``'s order: 1, and
-    ``decision_weight`` at the first answer token of rows that carry a yes/no label (recognition)."""
-    targets = labels[:, 1:]
-    selected = targets != -100
-    weights = selected.float()
-    first = selected.float().argmax(1)
-    for row, label in enumerate(decisions):
-        if label is not None and bool(selected[row].any()):
-            weights[row, first[row]] = decision_weight
-    return weights[selected]
-
 
 class PersonalizeModule(L.LightningModule):
     def __init__(self, model: UnifiedModel, schedule: Schedule, *, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -52,6 +34,7 @@ class PersonalizeModule(L.LightningModule):
         self.schedule = schedule
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
         self.decision_weight = decision_weight
+        self.loss = PersonalizeLoss(model, seed=seed, decision_weight=decision_weight)
         self.strict_loading = False
         trainable = {id(p) for p in model.trainable_parameters()}
         self._ddp_params_and_buffers_to_ignore = [
@@ -70,59 +53,23 @@ class PersonalizeModule(L.LightningModule):
             return values
         return self.trainer.strategy.reduce(values, reduce_op="sum")
 
-    def _diffusion(self, part: dict, step: int) -> Tensor:
-        gens = [torch.Generator().manual_seed(sample_seed(self.seed, step, uid)) for uid in part["uid"]]
-        return self.model.diffusion_loss(part["ids"], part["attention_mask"], part["latents"].to(self.device),
-                                         generator=gens, reduction="none")
-
     # ---- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         step = self.global_step
-        stage = self.schedule.at(step)
-        weights = stage.losses
-        bb = self.model.backbone
+        weights = self.schedule.at(step).losses
         # Every trainable parameter takes part in every step (zero gradient when unused), so DDP needs no
         # find_unused_parameters; zero gradients are dropped again before the optimizer step.
         total = sum((p * 0).sum() for p in self.model.trainable_parameters())
-        zero = total.detach()
-        sums = {"understanding": zero, "image_tokens": zero, "diffusion": zero}
-        counts = dict.fromkeys(sums, 0.0)
-        parts = (("und", "understanding", bb.understanding_loss), ("img", "image_tokens", bb.image_token_loss))
-        for key, name, loss_fn in parts:
-            if key not in batch or getattr(weights, name) <= 0:
-                continue
-            p = batch[key]
-            if key == "und" and self.decision_weight != 1.0:
-                per_token = loss_fn(p["ids"], p["attention_mask"], p["labels"], reduction="none")
-                token_weights = answer_token_weights(p["labels"], p["label"], self.decision_weight)
-                sums[name], counts[name] = (per_token * token_weights).sum(), float(token_weights.sum())
-            else:
-                sums[name] = loss_fn(p["ids"], p["attention_mask"], p["labels"], reduction="sum")
-                counts[name] = float((p["labels"][:, 1:] != -100).sum())
-        if "gen" in batch and weights.diffusion > 0:
-            per_sample = self._diffusion(batch["gen"], step)
-            sums["diffusion"], counts["diffusion"] = per_sample.sum(), float(len(per_sample))
+        sums, counts = self.loss.terms(batch, weights, step, zero=total.detach())
         names = list(sums)
         reduced = self._global_sum(torch.tensor([counts[n] for n in names] + [sums[n].item() for n in names]))
-        logs = {}
-        for i, name in enumerate(names):
-            n_global = reduced[i].clamp(min=1)
-            if reduced[i] > 0:
-                total = total + getattr(weights, name) * sums[name] / n_global * self.world
-                logs[f"train/{name}"] = reduced[len(names) + i] / n_global
+        total, logs = self.loss.combine(total, sums, reduced, weights, self.world)
         logs["train/stage"] = float(self.schedule.index_at(step))
         self.log_dict(logs, prog_bar=True, batch_size=len(batch["concepts"]))
         return total
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        allowed = set(self.schedule.at(self.global_step).train)
-        bank = self.model.bank
-        for name in bank.names:
-            rows = bank.rows[name]
-            for table in (rows.embed, rows.head):
-                for group, p in table.items():
-                    if group not in allowed or p.grad is None or not bool(p.grad.any()):
-                        p.grad = None
+        self.model.bank.drop_gradients(keep=self.schedule.at(self.global_step).train)
 
     def configure_optimizers(self):
         # The schedule knows max_steps: trainer.estimated_stepping_batches would skip restoring the loader
@@ -142,11 +89,7 @@ class PersonalizeModule(L.LightningModule):
             if rows:
                 out["recognition"] = list(zip(self._says_yes(p, rows), (p["label"][i] for i in rows)))
         if "gen" in batch:
-            g = batch["gen"]
-            gens = [torch.Generator().manual_seed(sample_seed(self.seed, 0, uid)) for uid in g["uid"]]
-            per = self.model.diffusion_loss(g["ids"], g["attention_mask"], g["latents"].to(self.device),
-                                            generator=gens, reduction="none")
-            out["gen"] = per.tolist()
+            out["gen"] = self.loss.diffusion(batch["gen"], 0).tolist()
         self._val.append(out)
 
     def _says_yes(self, part: dict, rows: list[int]) -> list[bool]:

@@ -164,11 +164,8 @@ class Evaluator:
         if method != "image":
             return self.session.generate([prompt], seed=s.seed, num_images=n, steps=s.steps, guidance=s.guidance).tensors
         # A photo in context: the base reads it like a question's image; the connector sees those states.
-        model = self.session.model
-        cond = model.condition(*model.encode_batch([prompt] * n, mode="plain", images=[[ref]] * n))
-        uncond = model.condition(*model.encode_batch([""], mode="plain"))
-        gens = [torch.Generator().manual_seed(s.seed + i) for i in range(n)]
-        return model.decoder.sample(cond, uncond, num_steps=s.steps, guidance=s.guidance, generator=gens)
+        return self.session.model.generate_images([prompt] * n, [s.seed + i for i in range(n)], mode="plain",
+                                                  images=[[ref]] * n, steps=s.steps, guidance=s.guidance)
 
     @torch.no_grad()
     def _generation(self, t: EvalTarget, method: str, ref: Optional[Tensor], metrics: dict, counts: dict,

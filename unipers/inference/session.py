@@ -243,13 +243,10 @@ class InferenceSession:
         texts = [p for p in prompts for _ in range(num_images)]
         seeds = [seed + i for _ in prompts for i in range(num_images)]
         try:
-            cond = self.model.condition(*self.model.encode_batch(texts, mode="gen"))
-            uncond = self.model.condition(*self.model.encode_batch([negative] * len(texts), mode="gen"))
+            images = self.model.generate_images(texts, seeds, negative=negative, steps=steps, guidance=guidance,
+                                                size=size, scheduler=scheduler, batched_cfg=batched_cfg)
         except PromptError as err:
             raise InputError(str(err)) from err
-        images = self.model.decoder.sample(
-            cond, uncond, num_steps=steps, guidance=guidance, height=size, width=size, scheduler=scheduler,
-            generator=[torch.Generator().manual_seed(s) for s in seeds], batched_cfg=batched_cfg)
         files = sorted(set(self.files.values()))
         settings = [GenerationSettings(t, negative, s, steps, guidance, size, scheduler, files)
                     for t, s in zip(texts, seeds)]

@@ -195,6 +195,27 @@ class UnifiedModel(nn.Module):
         hidden, _ = self.backbone.hidden_states(ids, attention_mask)
         return self.connector(hidden.to(next(self.connector.parameters()).dtype), attention_mask.bool())
 
+    def encode_prompt(self, prompts: Sequence[str], negative: str = "", *, mode: str = "gen",
+                      images: Optional[Sequence[Sequence[Tensor]]] = None) -> tuple[Conditioning, Conditioning]:
+        """(cond, uncond) for classifier-free guidance: the prompts' conditioning, and the `negative` prompt's
+        (one per prompt; "" is the unconditional input the align stage trains). `images` (VQ tokens per
+        prompt) go into the prompts only."""
+        cond = self.condition(*self.encode_batch(prompts, mode=mode, images=images))
+        uncond = self.condition(*self.encode_batch([negative] * len(prompts), mode=mode))
+        return cond, uncond
+
+    @torch.no_grad()
+    def generate_images(self, prompts: Sequence[str], seeds: Sequence[int], *, negative: str = "", mode: str = "gen",
+                        images: Optional[Sequence[Sequence[Tensor]]] = None, steps: int = 25, guidance: float = 5.0,
+                        size: Optional[int] = None, scheduler: Optional[str] = None,
+                        batched_cfg: bool = True) -> Tensor:
+        """Images (N, 3, H, W) in [0, 1], one per prompt, image i drawn from ``seeds[i]``: a batch gives the
+        same images as one call per prompt."""
+        cond, uncond = self.encode_prompt(prompts, negative, mode=mode, images=images)
+        return self.decoder.sample(cond, uncond, num_steps=steps, guidance=guidance, height=size, width=size,
+                                   scheduler=scheduler, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                                   batched_cfg=batched_cfg)
+
     def diffusion_loss(self, ids: Tensor, attention_mask: Tensor, latents: Tensor, generator=None,
                        reduction: str = "mean") -> Tensor:
         """Denoising loss of `latents` conditioned on the prompts; `generator` may be one per sample."""

@@ -213,9 +213,6 @@ class ValidationSamples(L.Callback):
             answer = bb.tokenizer.decode(bb.generate(ids, max_new_tokens=self.max_new_tokens)[0],
                                          skip_special_tokens=True)
             lines.append(f"- **{question}** {answer.strip()}")
-            cond = model.condition(*model.encode_batch([f"A photo of <{name}>."], mode="gen"))
-            uncond = model.condition(*model.encode_batch([""], mode="plain"))
-            image = model.decoder.sample(cond, uncond, num_steps=self.steps, guidance=self.guidance,
-                                         generator=torch.Generator().manual_seed(0))
+            image = model.generate_images([f"A photo of <{name}>."], [0], steps=self.steps, guidance=self.guidance)
             save_image(image, self.folder / f"step_{step:06d}_{name}.png")
         (self.folder / f"step_{step:06d}.md").write_text("\n".join(lines) + "\n")

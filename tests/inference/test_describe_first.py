@@ -7,6 +7,7 @@ from PIL import Image
 
 from unipers.concepts.prompts import IGNORE_INDEX, PromptError
 from unipers.config import ConfigError, load_config
+from unipers.concepts.recognition import recognition_layout
 from unipers.inference import InferenceSession
 
 DESCRIBE = ["backbone.describe_first='What is in this photo?'", "backbone.describe_tokens=5"]
@@ -98,7 +99,7 @@ def test_recognize_eval_and_validation_decide_alike(described, photos, prepared_
     target = load_targets(prepared_concepts, ["bo"])["bo"]
     ev = Evaluator(s, load_config([], ["eval.batch_size=2"]).eval)
     prompter = Prompter(s, target, PERSONAL)
-    assert prompter.described_question(question, tokens[0], descriptions[0]) == seqs[0]
+    assert prompter.recognition(recognition_layout(p), question, tokens[0], descriptions[0]) == seqs[0]
     assert ev.descriptions(photos) == descriptions
 
     keys = [str(x) for x in photos]

@@ -22,6 +22,7 @@ from torch import Tensor
 from unipers.concepts.prompts import IGNORE_INDEX, IMAGE_MARKER, Encoded, PromptBuilder
 from unipers.data.augment import ViewSpec, augment_view, split_view_key, view_key
 from unipers.data.manifest import Sample
+from unipers.concepts.recognition import recognition_layout
 from unipers.models.padding import pad_batch
 
 UNDERSTANDING_TASKS = ("recognition", "qa", "vqa", "caption")
@@ -108,10 +109,10 @@ class Collator:
 
     def _encode_und(self, r: Record, fmt: StageFormat) -> Encoded:
         s = r.sample
-        if self.descriptions is not None and s.task == "recognition" and r.image_key:
-            return self.prompts.encode_described_qa(s.question, s.answer, image=self.image_tokens[r.image_key],
-                                                    description=self.descriptions[r.image_key],
-                                                    self_prompt=fmt.self_prompting)
+        if s.task == "recognition" and r.image_key and not s.options:
+            description = self.descriptions[r.image_key] if self.descriptions is not None else None
+            return recognition_layout(self.prompts).qa(s.question or "", s.answer, self.image_tokens[r.image_key], description,
+                                               self_prompt=fmt.self_prompting)
         return self.prompts.encode_qa(question_text(s), s.answer,
                                       images=[self.image_tokens[r.image_key]] if r.image_key else (),
                                       self_prompt=fmt.self_prompting)

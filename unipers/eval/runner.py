@@ -31,6 +31,7 @@ from unipers.eval.prompts import (BASELINES, CAPTION_QUESTION, GENERATION_TEMPLA
                                   RECOGNITION_QUESTION, check_templates, choice_question, class_prompt,
                                   generation_prompt)
 from unipers.eval.scoring import Prompter, answer_logprobs, first_token_logits, generate_answers
+from unipers.concepts.recognition import recognition_layout
 from unipers.eval.targets import EvalTarget, content_key, expand_data_dirs, load_targets
 
 
@@ -98,10 +99,9 @@ class Evaluator:
         if not images:
             return
         question, tokens = RECOGNITION_QUESTION.format(name=t.name), self.tokens(images)
-        if self.session.model.prompts.describe_question:
-            seqs = [p.described_question(question, tok, d) for tok, d in zip(tokens, self.descriptions(images))]
-        else:
-            seqs = [p.question(f"{IMAGE}\n{question}", [tok]) for tok in tokens]
+        layout = recognition_layout(self.session.model.prompts)
+        descriptions = self.descriptions(images) if layout.describes else [None] * len(tokens)
+        seqs = [p.recognition(layout, question, tok, d) for tok, d in zip(tokens, descriptions)]
         logits = first_token_logits(self.session, seqs, self.s.batch_size)
         by_logit = self.session.backbone.says_yes(logits).tolist()
         by_text = [M.parse_yes_no(text) for _, text in self._answers(seqs)]

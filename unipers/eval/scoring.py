@@ -54,14 +54,13 @@ class Prompter:
             ids = ids[:1] + self.prompts.prefix(self.target.name, "und") + space + ids[1:]
         return ids
 
-    def described_question(self, text: str, image: Tensor, description: Sequence[int]) -> list[int]:
-        """`question` asked as turn two, after the base's ``description`` of ``image`` (describe, then
-        decide: ``backbone.describe_first``); ``text`` holds no image placeholder."""
+    def recognition(self, layout, text: str, image: Tensor, description: Optional[Sequence[int]]) -> list[int]:
+        """`question` about ``image`` in the model's recognition layout (`unipers.concepts.recognition`): after
+        the image, or as turn two after the base's ``description`` of it; ``text`` holds no placeholder."""
         try:
-            first = self.prompts.description_turn(image, description, text)
+            return layout.question(text, image, description, ask=self.question)
         except PromptError as err:
             raise InputError(f"{self.target.name}: {err}") from err
-        return first + self.question(text)[1:]
 
     def answer(self, text: str) -> list[int]:
         """Answer ids as the training labels hold them (concept markers as identifier tokens), no EOS."""

@@ -30,6 +30,7 @@ from torch import Tensor
 from unipers.concepts.names import MARKER_PATTERN
 from unipers.concepts.prompts import IMAGE_MARKER, PromptError
 from unipers.models.padding import pad_batch
+from unipers.concepts.recognition import recognition_layout
 from unipers.models.unified import UnifiedModel
 
 if TYPE_CHECKING:
@@ -221,12 +222,10 @@ class InferenceSession:
     def recognition_prompts(self, question: str, images: Sequence[Tensor]) -> list[list[int]]:
         """Prompt ids of a question about each image (VQ tokens): the image, then the question; or, with
         ``backbone.describe_first``, the base's description of the image first and the question as turn two."""
-        prompts = self.model.prompts
-        if not prompts.describe_question:
-            return [self._encode(IMAGE_MARKER + "\n" + question, [t]) for t in images]
+        layout = recognition_layout(self.model.prompts)
+        descriptions = self.model.describe(images) if layout.describes else [None] * len(images)
         try:
-            return [prompts.encode_described_question(question, image=t, description=d)
-                    for t, d in zip(images, self.model.describe(images))]
+            return [layout.question(question, t, d) for t, d in zip(images, descriptions)]
         except PromptError as err:
             raise InputError(str(err)) from err
 

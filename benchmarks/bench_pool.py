@@ -19,7 +19,7 @@ with the images. For each pool size N this measures, each in a fresh subprocess 
 - **unipers / update**: ``--touch`` existing files get a new mtime and ``--add`` new files appear in a
   sub-folder; reports whether only those were embedded (incremental) or the whole pool (full).
 - **naive**: read every pool image into a list of PIL images first, then embed them in batches with the
-  same ``ClipEmbedder`` (no cache), then the same selection. Run for N <= ``--naive-max``.
+  same ``PoolEmbedder`` (no cache), then the same selection. Run for N <= ``--naive-max``.
 
 Memory: the peak-RSS counter (VmHWM) is reset through /proc/self/clear_refs once imports, the CLIP model
 and the concept photos are loaded (a first CLIP forward and a first DataLoader pass are done before it
@@ -194,7 +194,7 @@ def worker(args) -> dict:
         info |= {"touched": len(touched), "added": args.add}
 
     fp = retrieval.clip_fingerprint(clip)
-    embedder = retrieval.ClipEmbedder(clip, device="cpu", batch_size=opts.batch_size, num_workers=opts.num_workers)
+    embedder = retrieval.PoolEmbedder(clip, device="cpu", batch_size=opts.batch_size, num_workers=opts.num_workers)
     photos = [open_rgb(p) for p in sorted(concept.glob("*.png"))]
     cache_file = cache_dir / f"{fp}.npz"
     cache_mtime = cache_file.stat().st_mtime_ns if cache_file.exists() else None

@@ -11,7 +11,7 @@ import pytest
 
 from unipers.data import retrieval
 from unipers.data.prepare import PrepareOptions, prepare_concept
-from unipers.data.retrieval import ClipEmbedder, embed_pool, select_from_pool, similarity_to_slots
+from unipers.data.retrieval import PoolEmbedder, embed_pool, select_from_pool, similarity_to_slots
 from synthetic import shape_image, write_pool
 
 OPTS = dict(n_soft=4, n_hard=8, n_easy=5, near_duplicate=0.995, quiet=True, batch_size=16)
@@ -19,7 +19,7 @@ OPTS = dict(n_soft=4, n_hard=8, n_easy=5, near_duplicate=0.995, quiet=True, batc
 
 @pytest.fixture(scope="module")
 def embedder(tiny_clip):
-    return ClipEmbedder(tiny_clip, device="cpu", batch_size=16)
+    return PoolEmbedder(tiny_clip, device="cpu", batch_size=16)
 
 
 def independent_embeddings(clip_path, images) -> np.ndarray:

@@ -101,16 +101,18 @@ def clip_fingerprint(clip_path: Path | str) -> str:
     return h.hexdigest()[:16]
 
 
-class ClipEmbedder:
-    """A local CLIP vision tower with its image processor; ``embed`` returns unit-norm float16 rows."""
+class PoolEmbedder:
+    """A local CLIP vision tower (`unipers.models.embedders.ClipEmbedder`, vision only) streaming a pool's
+    files; ``embed_*`` return unit-norm float16 rows."""
 
     def __init__(self, clip_path: Path | str, device: str | None = None, batch_size: int = 32, num_workers: int = 0):
         import torch
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        from unipers.models.embedders import ClipEmbedder
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = CLIPVisionModelWithProjection.from_pretrained(str(clip_path)).to(self.device).eval()
-        self.processor = CLIPImageProcessor.from_pretrained(str(clip_path))
+        self.clip = ClipEmbedder.load(clip_path, self.device, key="--clip", metric="retrieval", text=False)
+        self.processor = self.clip.image_processor
         self.batch_size, self.num_workers = batch_size, num_workers
         sides = [getattr(d, k, None) if not isinstance(d, dict) else d.get(k)
                  for d in (self.processor.crop_size, self.processor.size) if d
@@ -122,7 +124,7 @@ class ClipEmbedder:
         import torch
 
         with torch.inference_mode():
-            out = self.model(pixel_values=pixel_values.to(self.device)).image_embeds.float()
+            out = self.clip.image_features(pixel_values.to(self.device)).float()
         self.forward_calls += 1
         out = torch.nn.functional.normalize(out, dim=-1)
         return out.cpu().numpy().astype(np.float16)
@@ -137,7 +139,7 @@ class ClipEmbedder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        return self.clip.dim
 
     def embed_files(self, paths: Sequence[Path], desc: str = "embedding pool",
                     quiet: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -208,7 +210,7 @@ def _save_cache(path: Path, files, sizes, mtimes, emb, ok) -> None:
     os.replace(tmp, path)  # concurrent jobs on one pool: readers never see a half-written cache
 
 
-def embed_pool(pool: Path | str, embedder: ClipEmbedder, fingerprint: str, *, fallback_cache_dir: Path | None = None,
+def embed_pool(pool: Path | str, embedder: PoolEmbedder, fingerprint: str, *, fallback_cache_dir: Path | None = None,
                quiet: bool = False, checkpoint_every: int = 20000) -> PoolEmbeddings:
     """Embeddings for every image under ``pool``, reusing and updating the cache (saved every
     ``checkpoint_every`` new images too, so a killed job over a huge pool keeps its progress)."""
@@ -370,7 +372,7 @@ def retrieve_for_concept(train_images: Sequence, positive_images: Sequence, pool
     if not (clip_path / "config.json").is_file():
         raise FileNotFoundError(f"no CLIP model at {clip_path} (expected a save_pretrained folder with config.json)")
     fp = clip_fingerprint(clip_path)
-    embedder = ClipEmbedder(clip_path, device=options.device, batch_size=options.batch_size,
+    embedder = PoolEmbedder(clip_path, device=options.device, batch_size=options.batch_size,
                             num_workers=options.num_workers)
     fallback = options.clip_cache or Path(out_dir).parent / CACHE_DIRNAME
     pe = embed_pool(pool, embedder, fp, fallback_cache_dir=fallback, quiet=options.quiet)

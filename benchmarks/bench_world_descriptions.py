@@ -30,32 +30,15 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-for _path in (REPO, REPO / "benchmarks"):  # the package, and bench_world_recognition beside this file
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from unipers.world.probes import description_scores, parse_object  # noqa: E402  (after the path above)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 HELD_OUT = ("purple striped star", "green checkered triangle", "yellow striped circle", "white striped diamond",
             "orange checkered square", "blue striped triangle", "red checkered circle")
-
-
-def parse_object(words: str):
-    from unipers.world.synth import WorldObject
-
-    colour, pattern, shape = words.split()
-    return WorldObject(shape, colour, pattern)
-
-
-def description_scores(descriptions, objects) -> dict:
-    """Share of descriptions naming each attribute of the true object, and all three."""
-    hits = {"colour": 0, "pattern": 0, "shape": 0, "all": 0}
-    for text, obj in zip(descriptions, objects):
-        words = text.lower().replace(".", " ").split()
-        ok = {k: v in words for k, v in obj.attributes().items()}
-        for k, v in ok.items():
-            hits[k] += v
-        hits["all"] += all(ok.values())
-    return {k: v / max(1, len(objects)) for k, v in hits.items()}
 
 
 def describer(path):
@@ -63,7 +46,7 @@ def describer(path):
     from (N, H, W, 3) uint8 photos to its own description of each, as text."""
     import torch
 
-    from bench_world_recognition import load_backbone
+    from unipers.world.probes import load_backbone
     from unipers.models.unified import describe_images
     from unipers.world.base import image_tokens, to_pixels
 

@@ -29,24 +29,13 @@ from pathlib import Path
 
 import torch
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from unipers.world.probes import attribute_answers, load_backbone  # noqa: E402  (after the path above)
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def load_base(path):
-    """(HF model in eval mode, processor, plain-mode PromptBuilder with the world's describe question) of a
-    built world's backbone folder."""
-    bb, prompts = load_backbone(path)
-    return bb.model, bb.processor, prompts
-
-
-def load_backbone(path):
-    """(ARBackbone, its PromptBuilder with the world's describe question)."""
-    from unipers.concepts.prompts import PromptBuilder
-    from unipers.models.backbone import ARBackbone
-    from unipers.world.base import DESCRIBE_QUESTION
-
-    bb = ARBackbone.from_pretrained(path).eval()
-    return bb, PromptBuilder.for_backbone(bb, describe_question=DESCRIBE_QUESTION)
 
 
 @torch.no_grad()
@@ -59,46 +48,14 @@ def answer_logits(model, prompts, questions, tokens) -> torch.Tensor:
     return model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(seqs)), mask.sum(1) - 1]
 
 
-def score(model, prompts, questions, tokens, yes_id: int, no_id: int) -> torch.Tensor:
+def score(model, prompts, questions, tokens, yes_no: tuple[int, int]) -> torch.Tensor:
     """True where the model's answer to each (question, image tokens) is Yes."""
     last = answer_logits(model, prompts, questions, tokens)
-    return last[:, yes_id] > last[:, no_id]
+    return last[:, yes_no[0]] > last[:, yes_no[1]]
 
 
 @torch.no_grad()
-def answer_logprob(model, prompts, questions, answers, tokens) -> torch.Tensor:
-    """(N,) summed log-probability of each whole answer after its (question, image tokens), plain layout."""
-    from unipers.models.padding import pad_batch
-
-    encs = [prompts.encode_qa(q, a, images=[t], mode="plain") for q, a, t in zip(questions, answers, tokens)]
-    ids, mask = pad_batch([e.ids for e in encs], prompts.tokenizer.pad_token_id)
-    labels, _ = pad_batch([e.labels for e in encs], prompts.tokenizer.pad_token_id, labels=True)
-    logp = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
-    targets = labels[:, 1:]
-    picked = logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-    return (picked * (targets != -100)).sum(1)
-
-
-def attribute_answers(model, prompts, tokens, shown) -> dict:
-    """Share of photos whose asked attribute the base names right, per attribute: the value whose whole
-    answer ("Circle.") is likeliest. Not the first token alone: with the world's BPE "Circle" and "Cross"
-    may share their first piece."""
-    from unipers.world.base import ATTRIBUTE_QUESTIONS
-    from unipers.world.synth import ATTRIBUTES
-
-    out = {}
-    for key, question in ATTRIBUTE_QUESTIONS.items():
-        values = ATTRIBUTES[key]
-        asked = ["<image>\n" + question.format(c="the object")] * len(tokens)
-        scores = torch.stack([answer_logprob(model, prompts, asked, [v.capitalize() + "."] * len(tokens), tokens)
-                              for v in values], 1)
-        truth = torch.tensor([values.index(o.attributes()[key]) for o in shown])
-        out[key] = (scores.argmax(1) == truth).float().mean().item()
-    return out
-
-
-@torch.no_grad()
-def says_yes(bb, seqs, yes_id: int, no_id: int, batch_size: int = 64) -> torch.Tensor:
+def says_yes(bb, seqs, batch_size: int = 64) -> torch.Tensor:
     """True where the answer's first token is likelier Yes than No after each prompt (ids, left-padded)."""
     from unipers.models.padding import pad_batch
 
@@ -107,7 +64,7 @@ def says_yes(bb, seqs, yes_id: int, no_id: int, batch_size: int = 64) -> torch.T
         ids, mask = pad_batch(seqs[i:i + batch_size], bb.tokenizer.pad_token_id, side="left")
         hidden, _ = bb.hidden_states(ids, mask)
         logits = bb.logits(hidden[:, -1], bb.bank.presence(ids))
-        out.append(logits[:, yes_id] > logits[:, no_id])
+        out.append(bb.says_yes(logits))
     return torch.cat(out)
 
 
@@ -125,8 +82,6 @@ def main(argv=None) -> int:
     path = world_root(args.root) / "backbone"
     bb, prompts = load_backbone(path)
     model, proc = bb.model, bb.processor
-    yes_id = proc.tokenizer("Yes", add_special_tokens=False).input_ids[0]
-    no_id = proc.tokenizer("No", add_special_tokens=False).input_ids[0]
 
     rng = random.Random("bench/world-recognition")
     objects = [o for o in all_objects() if o != demo_object()]
@@ -143,11 +98,11 @@ def main(argv=None) -> int:
     def described(targets):
         return says_yes(bb, [prompts.encode_described_question(f"zib is {with_article(o.describe())}. Is zib in this photo?",
                                                                image=t, description=d, mode="plain")
-                             for o, t, d in zip(targets, tokens, descriptions)], yes_id, no_id)
+                             for o, t, d in zip(targets, tokens, descriptions)])
 
     def one_turn(targets):
         return score(model, prompts, [f"zib is {with_article(o.describe())}. <image>\nIs zib in this photo?"
-                                      for o in targets], tokens, yes_id, no_id)
+                                      for o in targets], tokens, bb.yes_no_ids)
 
     rows = {}
     for layout, decide in (("described", described), ("one turn", one_turn)):

@@ -1,14 +1,15 @@
-"""benchmarks/bench_world_descriptions.py: its scoring, and a micro-size run end to end."""
+"""The description probe (unipers/world/probes.py) and benchmarks/bench_world_descriptions.py: its scoring,
+and a micro-size run of the benchmark end to end."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from unipers.world.probes import description_scores, parse_object
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # the benchmark's own runs
 
 
 def test_description_scores_count_each_attribute_by_whole_words():
-    from bench_world_descriptions import description_scores, parse_object
-
     star = parse_object("purple striped star")
     texts = ["A purple striped star.", "A purple striped cross.", "A red checkered star.", "A starry purple thing."]
     got = description_scores(texts, [star] * 4)
@@ -22,7 +23,7 @@ def test_micro_run_holds_the_objects_out_and_scores_every_row(tmp_path, monkeypa
 
     monkeypatch.setattr(build, "STEPS", dict(build.STEPS, tokenizer=2, pretrain=2))
     monkeypatch.setattr(build, "N_TRAIN", 40)
-    held = [bench.parse_object(w) for w in ("purple striped star", "green checkered triangle")]
+    held = [parse_object(w) for w in ("purple striped star", "green checkered triangle")]
     drawn = []
     real = base.world_example
 

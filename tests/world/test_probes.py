@@ -1,15 +1,10 @@
-"""benchmarks/bench_world_recognition.py's scoring helpers, on the embedded tiny model."""
-
-import sys
-from pathlib import Path
+"""The world probes' whole-answer scoring (unipers/world/probes.py), on the embedded tiny model."""
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
 
 def test_answer_logprob_is_the_whole_answer_scored_one_sequence_at_a_time(backbone_dir):
-    from bench_world_recognition import answer_logprob, load_base
+    from unipers.world.probes import answer_logprob, load_base
 
     model, _, prompts = load_base(backbone_dir)
     image = torch.tensor(model.model.vocabulary_mapping.image_tokens[:4])

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from unipers.concepts.prompts import IGNORE_INDEX, IMAGE_MARKER, Encoded, PromptBuilder
+from unipers.concepts.recognition import recognition_layout
 from unipers.data.augment import ViewSpec, augment_view, split_view_key, view_key
 from unipers.data.manifest import Sample
-from unipers.concepts.recognition import recognition_layout
 from unipers.models.padding import pad_batch
 
 UNDERSTANDING_TASKS = ("recognition", "qa", "vqa", "caption")

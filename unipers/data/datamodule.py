@@ -18,12 +18,12 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from unipers.concepts.recognition import recognition_layout
 from unipers.config import DataConfig
 from unipers.data.augment import ViewSpec
 from unipers.data.collate import (UNDERSTANDING_TASKS, Collator, Record, StageFormat, description_cache,
                                   image_token_cache, latent_cache)
 from unipers.data.manifest import read_prepared
-from unipers.concepts.recognition import recognition_layout
 from unipers.data.sampler import MixtureSampler
 
 DEFAULT_TASK_WEIGHTS = DataConfig().task_weights  # one source: the config schema's default
@@ -110,7 +110,7 @@ class ConceptDataModule(L.LightningDataModule):
         tokens = image_token_cache(model, token_keys) if token_keys else {}
         latents = latent_cache(model, gen_keys) if gen_keys else {}
         descriptions = None
-        if recognition_layout(model.prompts).describes:  # recognition asked in two turns: the base's words for each image
+        if recognition_layout(model.prompts).describes:  # two turns: the base's words for each image first
             keys = [r.image_key for r in records if r.sample.task == "recognition" and r.image_key]
             descriptions = description_cache(model, tokens, keys) if keys else {}
         self.collator = Collator(model.prompts, model.backbone.tokenizer.pad_token_id, tokens, latents,

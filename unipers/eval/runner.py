@@ -26,12 +26,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from unipers.concepts.recognition import recognition_layout
 from unipers.eval import metrics as M
 from unipers.eval.prompts import (BASELINES, CAPTION_QUESTION, GENERATION_TEMPLATES, IMAGE, PERSONAL,
                                   RECOGNITION_QUESTION, check_templates, choice_question, class_prompt,
                                   generation_prompt)
 from unipers.eval.scoring import Prompter, answer_logprobs, first_token_logits, generate_answers
-from unipers.concepts.recognition import recognition_layout
 from unipers.eval.targets import EvalTarget, content_key, expand_data_dirs, load_targets
 
 

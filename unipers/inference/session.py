@@ -29,8 +29,8 @@ from torch import Tensor
 
 from unipers.concepts.names import MARKER_PATTERN
 from unipers.concepts.prompts import IMAGE_MARKER, PromptError
-from unipers.models.padding import pad_batch
 from unipers.concepts.recognition import recognition_layout
+from unipers.models.padding import pad_batch
 from unipers.models.unified import UnifiedModel
 
 if TYPE_CHECKING:

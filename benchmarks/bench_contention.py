@@ -64,14 +64,14 @@ def child(scale: float, out: Path, raw_threads: bool) -> None:
     from unipers.world.demo import DemoSettings, prepare, demo_config, write_photos
     from unipers.training.run import train
 
+    recipe = build.RECIPE.scaled(scale)
     if raw_threads:  # the other arms: torch's own thread choice (or the variables'), not unipers'
         from unipers import runtime
 
-        build.THREADS = torch.get_num_threads()  # the process's own count: torch's choice, or the variables'
+        recipe = build.RECIPE.scaled(scale, threads=torch.get_num_threads())  # the process's own count
         runtime.threads_for = lambda setting, n_params: None
-    build.STEPS = {k: max(1, round(v * scale)) for k, v in build.STEPS.items()}
     t0 = time.perf_counter()
-    root = build.build_world(out / "world", quiet=True)
+    root = build.build_world(out / "world", recipe, quiet=True)
     total_build = time.perf_counter() - t0
     stages = json.loads((root / "world.json").read_text())["stages"]
     times = {

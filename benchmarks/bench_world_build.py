@@ -62,9 +62,9 @@ def bench_pretrain(root: Path, steps: int) -> dict:
     from unipers.models.tiny import build_tiny_chameleon
     from unipers.models.padding import pad_batch
     from unipers.world import base
-    from unipers.world.build import BACKBONE, demo_object, training_photos, world_corpus
+    from unipers.world.build import RECIPE, demo_object, training_photos, world_corpus
 
-    build_tiny_chameleon(root / "backbone", seed=0, corpus=world_corpus(), **BACKBONE)
+    build_tiny_chameleon(root / "backbone", seed=0, corpus=world_corpus(), **RECIPE.backbone)
     model = ChameleonForConditionalGeneration.from_pretrained(root / "backbone", local_files_only=True)
     processor = AutoProcessor.from_pretrained(root / "backbone", local_files_only=True)
     objects, images = training_photos(0)
@@ -140,11 +140,11 @@ def bench_align(root: Path, steps: int) -> dict:
     from unipers.models.tiny_decoder import build_tiny_decoder
     from unipers.models.unified import UnifiedModel
     from unipers.training.align import AlignModule
-    from unipers.world.build import BACKBONE, DECODER, align_caption, training_photos, world_corpus
+    from unipers.world.build import RECIPE, align_caption, training_photos, world_corpus
 
     if not (root / "backbone" / "config.json").is_file():
-        build_tiny_chameleon(root / "backbone", seed=0, corpus=world_corpus(), **BACKBONE)
-    build_tiny_decoder(root / "decoder", seed=0, **DECODER)
+        build_tiny_chameleon(root / "backbone", seed=0, corpus=world_corpus(), **RECIPE.backbone)
+    build_tiny_decoder(root / "decoder", seed=0, **RECIPE.decoder)
     objects, images = training_photos(0)
     n = 32 * (steps + 1)
     pairs = root / "pairs"

@@ -61,14 +61,17 @@ def describer(path):
     return describe
 
 
-def bench_seed(seed: int, held_out, photos: int, work: Path, quiet: bool) -> dict:
+def bench_seed(seed: int, held_out, photos: int, work: Path, quiet: bool, recipe=None) -> dict:
+    """One seed: a backbone built by `recipe` (default the world's) with `held_out` held out, then scored."""
     from unipers.world import build
     from unipers.world.synth import render_many, sample_objects
 
-    objects = sample_objects(build.N_TRAIN, f"{seed}/train", exclude=held_out)
+    recipe = recipe or build.RECIPE
+    objects = sample_objects(recipe.n_train, f"{seed}/train", exclude=held_out)
     images = render_many(objects, f"{seed}/train")
     t0 = time.perf_counter()
-    info = build.build_backbone(work / f"seed{seed}", objects, images, seed=seed, quiet=quiet, held_out=held_out)
+    info = build.build_backbone(work / f"seed{seed}", objects, images, seed=seed, quiet=quiet, held_out=held_out,
+                                recipe=recipe)
     seconds = time.perf_counter() - t0
     rows = {}
     describe = describer(work / f"seed{seed}")
@@ -93,14 +96,17 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     held_out = [parse_object(w) for w in args.held_out]
-    if args.pretrain_steps is not None:  # a recipe probe: the build's other settings stay
-        from unipers.world import build
+    from dataclasses import replace
 
-        build.STEPS = dict(build.STEPS, pretrain=args.pretrain_steps)
+    from unipers.world import build
+
+    recipe = build.RECIPE
+    if args.pretrain_steps is not None:  # a recipe probe: the build's other settings stay
+        recipe = replace(recipe, steps=dict(recipe.steps, pretrain=args.pretrain_steps))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            runs.append(bench_seed(seed, held_out, args.photos, Path(tmp), args.quiet))
+            runs.append(bench_seed(seed, held_out, args.photos, Path(tmp), args.quiet, recipe))
     names = list(runs[0]["rows"])
     print(f"\nDescriptions right (colour / pattern / shape / all three), {args.photos} fresh photos per row\n")
     print("| object | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |")

@@ -94,10 +94,10 @@ def test_world_vocabulary_gives_each_answer_its_own_first_token():
     with "C", and a fact's place words must be single tokens as the base reads and writes them."""
     from unipers.models.tiny import _tiny_tokenizer
     from unipers.world.base import PLACES
-    from unipers.world.build import BACKBONE, world_corpus
+    from unipers.world.build import RECIPE, world_corpus
     from unipers.world.synth import ATTRIBUTES
 
-    tok = _tiny_tokenizer(BACKBONE["num_image_tokens"], BACKBONE["vocab_size"], world_corpus())
+    tok = _tiny_tokenizer(RECIPE.backbone["num_image_tokens"], RECIPE.backbone["vocab_size"], world_corpus())
     for values in ATTRIBUTES.values():
         first = [tok(v.capitalize() + ".", add_special_tokens=False).input_ids[0] for v in values]
         assert [tok.decode([f]) for f in first] == [v.capitalize() for v in values]

@@ -19,10 +19,10 @@ def test_description_scores_count_each_attribute_by_whole_words():
 def test_micro_run_holds_the_objects_out_and_scores_every_row(tmp_path, monkeypatch):
     import bench_world_descriptions as bench
 
-    from unipers.world import base, build
+    from unipers.world import base
+    from unipers.world.build import RECIPE
 
-    monkeypatch.setattr(build, "STEPS", dict(build.STEPS, tokenizer=2, pretrain=2))
-    monkeypatch.setattr(build, "N_TRAIN", 40)
+    micro = RECIPE.scaled(0, n_train=40)  # one step a stage
     held = [parse_object(w) for w in ("purple striped star", "green checkered triangle")]
     drawn = []
     real = base.world_example
@@ -33,7 +33,7 @@ def test_micro_run_holds_the_objects_out_and_scores_every_row(tmp_path, monkeypa
         return real(obj, rng, held_out, **kw)
 
     monkeypatch.setattr(base, "world_example", spy)
-    run = bench.bench_seed(0, held, photos=3, work=tmp_path, quiet=True)
+    run = bench.bench_seed(0, held, photos=3, work=tmp_path, quiet=True, recipe=micro)
     assert drawn and not set(drawn) & set(held)
     assert list(run["rows"]) == [str(o) for o in held] + ["seen objects (fresh photos)"]
     for row in run["rows"].values():
@@ -47,8 +47,7 @@ def test_command_line_sets_the_pretraining_steps_and_writes_json(tmp_path, monke
 
     from unipers.world import build
 
-    monkeypatch.setattr(build, "STEPS", dict(build.STEPS, tokenizer=2, pretrain=2))
-    monkeypatch.setattr(build, "N_TRAIN", 40)
+    monkeypatch.setattr(build, "RECIPE", build.RECIPE.scaled(0, n_train=40))  # the benchmark builds by RECIPE
     out = tmp_path / "d.json"
     bench.main(["--seeds", "0", "--photos", "2", "--held-out", "purple striped star", "--pretrain-steps", "3",
                 "--out", str(out), "--quiet"])

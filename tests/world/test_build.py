@@ -6,14 +6,16 @@ import json
 
 import pytest
 
+from unipers.world.build import WorldRecipe
+
+MICRO = WorldRecipe(steps=dict(tokenizer=2, pretrain=2, vae=2, align=2, classifier=2), n_train=48, n_classifier_held=16)
+
 
 @pytest.fixture
-def micro(monkeypatch):
+def micro():
+    """The build module; its stages are built with the MICRO recipe (tests patch a stage on the module)."""
     from unipers.world import build
 
-    monkeypatch.setattr(build, "STEPS", dict(tokenizer=2, pretrain=2, vae=2, align=2, classifier=2))
-    monkeypatch.setattr(build, "N_TRAIN", 48)
-    monkeypatch.setattr(build, "N_CLASSIFIER_HELD", 16)
     return build
 
 
@@ -26,14 +28,14 @@ def test_killed_build_resumes_at_its_stage_and_loads(micro, tmp_path, monkeypatc
     real, real_align = micro.build_backbone, micro.run_world_align
     monkeypatch.setattr(micro, "build_backbone", killed)
     with pytest.raises(KeyboardInterrupt):
-        micro.build_world(root, quiet=True)
+        micro.build_world(root, MICRO, quiet=True)
     assert not (root / "backbone").exists() and not (root / "world.json").exists()
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "a half-written stage was left behind"
 
     monkeypatch.setattr(micro, "build_backbone", real)
     monkeypatch.setattr(micro, "run_world_align", killed)
     with pytest.raises(KeyboardInterrupt):
-        micro.build_world(root, quiet=True)
+        micro.build_world(root, MICRO, quiet=True)
     assert (root / "backbone" / "config.json").is_file() and (root / "decoder" / "model_index.json").is_file()
     assert not (root / "align").exists() and not (root / "world.json").exists()
     done = {p: p.stat().st_mtime_ns for p in (root / "backbone" / "model.safetensors",
@@ -41,7 +43,7 @@ def test_killed_build_resumes_at_its_stage_and_loads(micro, tmp_path, monkeypatc
                                                root / "classifier.safetensors")}
 
     monkeypatch.setattr(micro, "run_world_align", real_align)
-    micro.build_world(root, quiet=True)
+    micro.build_world(root, MICRO, quiet=True)
     assert {p: p.stat().st_mtime_ns for p in done} == done  # not trained again
     info = json.loads((root / "world.json").read_text())
     assert set(info["stages"]) == {"backbone", "decoder", "align", "classifier"}
@@ -56,9 +58,9 @@ def test_killed_build_resumes_at_its_stage_and_loads(micro, tmp_path, monkeypatc
 
 
 def test_the_demo_object_is_never_in_the_training_photos(micro):
-    objects, images = micro.training_photos()
+    objects, images = micro.training_photos(0, MICRO)
     assert micro.demo_object() not in objects
-    assert len(objects) == len(images) == micro.N_TRAIN
+    assert len(objects) == len(images) == MICRO.n_train
 
 
 def test_world_align_on_cached_latents_ends_where_per_batch_encoding_ends(micro, tmp_path, tiny_dirs):
@@ -73,7 +75,7 @@ def test_world_align_on_cached_latents_ends_where_per_batch_encoding_ends(micro,
     from unipers.models.tiny_decoder import build_tiny_decoder
     from unipers.training.run import train
 
-    decoder = build_tiny_decoder(tmp_path / "decoder", seed=0, **micro.DECODER)
+    decoder = build_tiny_decoder(tmp_path / "decoder", seed=0, **MICRO.decoder)
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     with open(pairs / "captions.jsonl", "w") as f:
@@ -99,7 +101,7 @@ def _weights(root):
 
 
 def test_the_build_uses_its_own_thread_count_whatever_the_process_has(micro, tmp_path):
-    """Every stage runs at build.THREADS: a process with one thread and one with two build the same bits
+    """Every stage runs at the recipe's thread count: a process with one thread and one with two build the same bits
     (thread counts split float sums differently), and the process's count is restored."""
     import torch
 
@@ -115,31 +117,31 @@ def test_the_build_uses_its_own_thread_count_whatever_the_process_has(micro, tmp
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            micro.build_world(tmp_path / f"t{n}", quiet=True)
+            micro.build_world(tmp_path / f"t{n}", MICRO, quiet=True)
             assert torch.get_num_threads() == n
     finally:
         micro.run_world_align = real
         torch.set_num_threads(before)
-    assert seen == [micro.THREADS, micro.THREADS]
+    assert seen == [MICRO.threads, MICRO.threads]
     a, b = _weights(tmp_path / "t1"), _weights(tmp_path / "t2")
     assert a.keys() == b.keys() and len(a) >= 5
     assert all(torch.equal(a[f][k], b[f][k]) for f in a for k in a[f])
     info = json.loads((tmp_path / "t1" / "world.json").read_text())
-    assert info["cpu"]["threads"] == micro.THREADS and info["cpu"]["torch_capability"]
+    assert info["cpu"]["threads"] == MICRO.threads and info["cpu"]["torch_capability"]
 
 
 def test_a_world_seed_is_another_draw_and_a_built_world_keeps_its_own(micro, tmp_path):
     import torch
 
-    micro.build_world(tmp_path / "w0", quiet=True)
-    micro.build_world(tmp_path / "w1", quiet=True, seed=1)
+    micro.build_world(tmp_path / "w0", MICRO, quiet=True)
+    micro.build_world(tmp_path / "w1", MICRO, quiet=True, seed=1)
     assert json.loads((tmp_path / "w1" / "world.json").read_text())["seed"] == 1
     a, b = _weights(tmp_path / "w0"), _weights(tmp_path / "w1")
     backbone = "backbone/model.safetensors"
     assert any(not torch.equal(a[backbone][k], b[backbone][k]) for k in a[backbone])
-    assert micro.build_world(tmp_path / "w1", quiet=True) == (tmp_path / "w1").absolute()  # reused as it is
+    assert micro.build_world(tmp_path / "w1", MICRO, quiet=True) == (tmp_path / "w1").absolute()  # reused as it is
     with pytest.raises(FileExistsError, match="seed 1, not 0"):
-        micro.build_world(tmp_path / "w1", quiet=True, seed=0)
+        micro.build_world(tmp_path / "w1", MICRO, quiet=True, seed=0)
 
 
 def test_a_part_built_world_of_another_version_is_refused_not_relabelled(micro, tmp_path):
@@ -149,7 +151,7 @@ def test_a_part_built_world_of_another_version_is_refused_not_relabelled(micro, 
     old = json.dumps({"backbone": {"seconds": 1.0}}) + "\n"  # an older build's record: stages only
     (root / "stages.json").write_text(old)
     with pytest.raises(FileExistsError, match="--force"):
-        micro.build_world(root, quiet=True)
+        micro.build_world(root, MICRO, quiet=True)
     assert sorted(p.name for p in root.iterdir()) == ["stages.json"]
     assert (root / "stages.json").read_text() == old
 

@@ -23,22 +23,43 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 WORLD_VERSION = "world-v7"
 SEED = 0
-THREADS = 1
-"""Intra-op threads of every stage: the same count on every machine, so a base is bitwise the same on a
-given CPU whatever its core count, and a busy machine does not stall it (unipers.runtime)."""
-N_TRAIN = 4000  # photos the base models learn from
-N_CLASSIFIER_HELD = 600
 
-# Sizes of the world's base; the figures in DESIGN.md were measured with these.
-BACKBONE = dict(hidden_size=128, num_layers=4, num_heads=4, vocab_size=1536, num_image_tokens=256,
-                channel_multiplier=(1, 1, 2, 2))
-# Latents of 8x8x8 (VAE x4 down): the UNet learns layouts of 8x8 cells fast on CPU; the VAE draws patterns.
-DECODER = dict(cross_attention_dim=64, pooled_dim=64, vae_attention=False, vae_channels=(16, 32, 64), latent_channels=8)
-STEPS = dict(tokenizer=600, pretrain=2000, vae=600, align=2000, classifier=400)
+
+@dataclass(frozen=True)
+class WorldRecipe:
+    """What a world base is built from, besides its seed: the demo's base with the defaults. Tests and
+    benchmarks build smaller ones (`scaled`); `world.json` records the recipe a base was built with."""
+
+    steps: dict = field(default_factory=lambda: dict(tokenizer=600, pretrain=2000, vae=600, align=2000, classifier=400))
+    n_train: int = 4000
+    """photos the base models learn from"""
+    n_classifier_held: int = 600
+    """held-out photos that score the judge"""
+    threads: int = 1
+    """Intra-op threads of every stage: the same count on every machine, so a base is bitwise the same on a
+    given CPU whatever its core count, and a busy machine does not stall it (unipers.runtime)."""
+    backbone: dict = field(default_factory=lambda: dict(
+        hidden_size=128, num_layers=4, num_heads=4, vocab_size=1536, num_image_tokens=256,
+        channel_multiplier=(1, 1, 2, 2)))
+    decoder: dict = field(default_factory=lambda: dict(
+        # Latents of 8x8x8 (VAE x4 down): the UNet learns layouts of 8x8 cells fast on CPU; the VAE draws patterns.
+        cross_attention_dim=64, pooled_dim=64, vae_attention=False, vae_channels=(16, 32, 64), latent_channels=8))
+
+    def scaled(self, share: float, **changes) -> "WorldRecipe":
+        """Every stage's steps times `share` (at least one), and any other field changed."""
+        return replace(self, steps={k: max(1, round(v * share)) for k, v in self.steps.items()}, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WorldRecipe":
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+RECIPE = WorldRecipe()
 
 
 def demo_object():
@@ -109,15 +130,16 @@ def world_corpus() -> str:
     return " " + " ".join(words) + " object What colour pattern shape does have It is a an\n" + "\n".join(answers) + "\n"
 
 
-def training_photos(seed: int = SEED):
+def training_photos(seed: int = SEED, recipe: WorldRecipe = RECIPE):
     """(objects, uint8 images) the base learns from: never the demo object."""
     from unipers.world.synth import render_many, sample_objects
 
-    objects = sample_objects(N_TRAIN, f"{seed}/train", exclude=[demo_object()])
+    objects = sample_objects(recipe.n_train, f"{seed}/train", exclude=[demo_object()])
     return objects, render_many(objects, f"{seed}/train")
 
 
-def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_out=None) -> dict:
+def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_out=None,
+                   recipe: WorldRecipe = RECIPE) -> dict:
     """Tokenizer, then AR pre-training, saved to ``out``. ``held_out``: objects the base never hears of
     (default: the demo object; ``benchmarks/bench_world_descriptions.py`` holds out more)."""
     import torch
@@ -128,15 +150,15 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_o
     from unipers.models.tiny import build_tiny_chameleon
     from unipers.world import base
 
-    build_tiny_chameleon(out, seed=seed, corpus=world_corpus(), **BACKBONE)
+    build_tiny_chameleon(out, seed=seed, corpus=world_corpus(), **recipe.backbone)
     model = ChameleonForConditionalGeneration.from_pretrained(out, local_files_only=True)
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)
     pixels = base.to_pixels(images, processor.image_processor)
     info = {}
     t0 = time.perf_counter()
-    with _bar(STEPS["tokenizer"], "world: image tokenizer", quiet) as bar:
+    with _bar(recipe.steps["tokenizer"], "world: image tokenizer", quiet) as bar:
         info["tokenizer"] = base.train_image_tokenizer(model, pixels, base.label_tensor(objects),
-                                                       steps=STEPS["tokenizer"], seed=seed, progress=bar)
+                                                       steps=recipe.steps["tokenizer"], seed=seed, progress=bar)
     info["tokenizer"]["seconds"] = round(time.perf_counter() - t0, 1)
     tokens = base.image_tokens(model, pixels)
     base.init_image_embeddings(model, seed=seed)
@@ -144,8 +166,8 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_o
     prompts = PromptBuilder(processor.tokenizer, bank, boi_id=processor.image_start_token_id,
                             eoi_id=processor.image_end_token_id)
     t0 = time.perf_counter()
-    with _bar(STEPS["pretrain"], "world: AR pre-training", quiet) as bar:
-        info["pretrain"] = base.pretrain_backbone(model, prompts, tokens, objects, steps=STEPS["pretrain"],
+    with _bar(recipe.steps["pretrain"], "world: AR pre-training", quiet) as bar:
+        info["pretrain"] = base.pretrain_backbone(model, prompts, tokens, objects, steps=recipe.steps["pretrain"],
                                                   held_out=held_out or [demo_object()], seed=seed, progress=bar)
     info["pretrain"]["seconds"] = round(time.perf_counter() - t0, 1)
     with torch.no_grad():
@@ -153,18 +175,18 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_o
     return info
 
 
-def build_decoder(out: Path, images, *, seed: int, quiet: bool) -> dict:
+def build_decoder(out: Path, images, *, seed: int, quiet: bool, recipe: WorldRecipe = RECIPE) -> dict:
     from diffusers import AutoencoderKL
 
     from unipers.models.tiny_decoder import build_tiny_decoder
     from unipers.world.base import to_pixels
     from unipers.world.decoder import train_vae
 
-    build_tiny_decoder(out, seed=seed, **DECODER)
+    build_tiny_decoder(out, seed=seed, **recipe.decoder)
     vae = AutoencoderKL.from_pretrained(out / "vae")
     t0 = time.perf_counter()
-    with _bar(STEPS["vae"], "world: VAE", quiet) as bar:
-        info = train_vae(vae, to_pixels(images), steps=STEPS["vae"], seed=seed, progress=bar)
+    with _bar(recipe.steps["vae"], "world: VAE", quiet) as bar:
+        info = train_vae(vae, to_pixels(images), steps=recipe.steps["vae"], seed=seed, progress=bar)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     shutil.rmtree(out / "vae")
     vae.save_pretrained(out / "vae")
@@ -196,7 +218,7 @@ def write_pairs(out: Path, objects, images, *, seed: int) -> None:
             f.write(json.dumps({"image": f"images/{i:05d}.png", "caption": align_caption(obj, rng)}) + "\n")
 
 
-def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool) -> dict:
+def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool, recipe: WorldRecipe = RECIPE) -> dict:
     from unipers.config import load_config
     from unipers.models.decoder import DiffusionDecoder
     from unipers.training.run import run_align
@@ -207,9 +229,9 @@ def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool) -> dict:
         "stage=align", f"seed={seed}", f"run_dir={out}", f"backbone.path={root / 'backbone'}",
         f"decoder.path={root / 'decoder'}", f"data.pairs={root / 'pairs'}", "data.batch_size=32",
         "connector.path=null",
-        f"trainer.max_steps={STEPS['align']}", "trainer.lr=0.001", "trainer.weight_decay=0.0",
+        f"trainer.max_steps={recipe.steps['align']}", "trainer.lr=0.001", "trainer.weight_decay=0.0",
         "trainer.checkpoint_every=500", "trainer.val_every=0", "trainer.log_every=25",
-        f"trainer.progress_bar={not quiet}", "trainer.accelerator=cpu", f"trainer.cpu_threads={THREADS}",
+        f"trainer.progress_bar={not quiet}", "trainer.accelerator=cpu", f"trainer.cpu_threads={recipe.threads}",
         "align.train_decoder=blocks",
         f"align.unfreeze_blocks=[{','.join(blocks)}]", "align.warmup_steps=50", "align.caption_dropout=0.1",
         # Latents encoded once into pairs/cache/ (the default, spelled out): the VAE gives each image the same
@@ -219,10 +241,10 @@ def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool) -> dict:
     ])
     t0 = time.perf_counter()
     run_align(cfg)
-    return {"seconds": round(time.perf_counter() - t0, 1), "steps": STEPS["align"], "unet_blocks": blocks}
+    return {"seconds": round(time.perf_counter() - t0, 1), "steps": recipe.steps["align"], "unet_blocks": blocks}
 
 
-def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool) -> dict:
+def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool, recipe: WorldRecipe = RECIPE) -> dict:
     import torch
 
     from unipers.world.base import label_tensor
@@ -230,84 +252,37 @@ def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool) -> 
     from unipers.world.synth import all_objects, render_many, sample_objects
 
     # The judge may see every object, the demo's included: it scores images, it is not the base.
-    held = sample_objects(N_CLASSIFIER_HELD, f"{seed}/classifier-held")
+    held = sample_objects(recipe.n_classifier_held, f"{seed}/classifier-held")
     extra = all_objects() * 3
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x_extra = torch.from_numpy(render_many(extra, f"{seed}/classifier")).permute(0, 3, 1, 2).float() / 255
     held_x = torch.from_numpy(render_many(held, f"{seed}/classifier-held")).permute(0, 3, 1, 2).float() / 255
     t0 = time.perf_counter()
-    with _bar(STEPS["classifier"], "world: attribute classifier", quiet) as bar:
+    with _bar(recipe.steps["classifier"], "world: attribute classifier", quiet) as bar:
         clf, info = train_classifier(torch.cat([x, x_extra]), torch.cat([label_tensor(objects), label_tensor(extra)]),
-                                     held_x, label_tensor(held), steps=STEPS["classifier"], seed=seed, progress=bar)
+                                     held_x, label_tensor(held), steps=recipe.steps["classifier"], seed=seed, progress=bar)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     save_classifier(clf, path)
     return info
 
 
-def _decoder_side(root: Path, seed: int, stages: list[str], steps: dict, n_train: int, n_held: int) -> dict:
+def _decoder_side(root: str, seed: int, stages: list[str], recipe: dict) -> dict:
     """The VAE and the judge (``stages``), as ``build_world`` would train them; runs in its own process, so
-    the settings come as arguments."""
+    the recipe comes as an argument."""
     from unipers.io import atomic_directory
     from unipers.runtime import cpu_threads
 
-    global STEPS, N_TRAIN, N_CLASSIFIER_HELD
-    STEPS, N_TRAIN, N_CLASSIFIER_HELD = steps, n_train, n_held
+    root, recipe = Path(root), WorldRecipe.from_dict(recipe)
     out = {}
-    with cpu_threads(THREADS):
-        objects, images = training_photos(seed)
+    with cpu_threads(recipe.threads):
+        objects, images = training_photos(seed, recipe)
         if "decoder" in stages:
             with atomic_directory(root / "decoder", overwrite=True) as tmp:
-                out["decoder"] = build_decoder(tmp, images, seed=seed, quiet=True)
+                out["decoder"] = build_decoder(tmp, images, seed=seed, quiet=True, recipe=recipe)
         if "classifier" in stages:
-            out["classifier"] = build_classifier(root / "classifier.safetensors", objects, images, seed=seed, quiet=True)
+            out["classifier"] = build_classifier(root / "classifier.safetensors", objects, images, seed=seed,
+                                                 quiet=True, recipe=recipe)
     return out
-
-
-def _decoder_side_main() -> None:
-    """Entry point of the second process: JSON arguments on stdin, JSON result into the file they name."""
-    import signal
-
-    # stop() terminates: exit through Python, so half-written stage folders are removed on the way out
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    args = json.loads(sys.stdin.read())
-    result = Path(args.pop("result"))
-    info = _decoder_side(root=Path(args.pop("root")), **args)
-    result.write_text(json.dumps(info))
-
-
-class _SecondProcess:
-    """``_decoder_side(**kwargs)`` in a fresh interpreter (``python -c``: the caller's script is not run
-    again, as multiprocessing's spawn would, and no torch threads are forked); ``result()`` waits for its
-    return value or raises with its output; ``stop()`` ends it if it is still running."""
-
-    def __init__(self, root: Path, **kwargs):
-        import subprocess
-        import tempfile
-
-        fd, self.result_file = tempfile.mkstemp(prefix=".decoder-side-", suffix=".json", dir=root)
-        os.close(fd)
-        self.log = tempfile.TemporaryFile()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from unipers.world.build import _decoder_side_main; _decoder_side_main()"],
-            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.process.stdin.write(json.dumps({"root": str(root), "result": self.result_file, **kwargs}).encode())
-        self.process.stdin.close()
-
-    def result(self) -> dict:
-        code = self.process.wait()
-        if code != 0:
-            self.log.seek(0)
-            tail = self.log.read().decode(errors="replace")[-4000:]
-            raise RuntimeError(f"world build: the decoder-side process failed (exit {code}):\n{tail}")
-        return json.loads(Path(self.result_file).read_text())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait()
-        self.log.close()
-        Path(self.result_file).unlink(missing_ok=True)
 
 
 def _say(msg: str, quiet: bool) -> None:
@@ -315,11 +290,11 @@ def _say(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def build_world(root: str | os.PathLike | None = None, *, force: bool = False, quiet: bool = False,
-                seed: int | None = None) -> Path:
-    """Build (or finish building) the tiny world under ``root`` from world seed ``seed`` (its photos and every
-    stage's initialisation and noise; default ``SEED``); returns the root. A built world is reused when
-    ``seed`` is None or its own."""
+def build_world(root: str | os.PathLike | None = None, recipe: WorldRecipe = RECIPE, *, force: bool = False,
+                quiet: bool = False, seed: int | None = None) -> Path:
+    """Build (or finish building) the tiny world under ``root`` by ``recipe``, from world seed ``seed`` (its
+    photos and every stage's initialisation and noise; default ``SEED``); returns the root. A built world is
+    reused when ``seed`` is None or its own."""
     from unipers.runtime import cpu_threads
 
     root = world_root(root).absolute()
@@ -333,14 +308,15 @@ def build_world(root: str | os.PathLike | None = None, *, force: bool = False, q
         if seed is not None and built != seed:
             raise FileExistsError(f"{root} holds the world of seed {built}, not {seed}: use another --root, or --force")
         return root
-    with cpu_threads(THREADS):
-        _build_stages(root, SEED if seed is None else seed, quiet)
+    with cpu_threads(recipe.threads):
+        _build_stages(root, SEED if seed is None else seed, quiet, recipe)
     return root
 
 
-def _build_stages(root: Path, seed: int, quiet: bool) -> None:
+def _build_stages(root: Path, seed: int, quiet: bool, recipe: WorldRecipe) -> None:
     from unipers.io import atomic_directory
     from unipers.runtime import cpu_description
+    from unipers.world.process import SecondProcess
 
     root.mkdir(parents=True, exist_ok=True)
     stages_file = root / "stages.json"
@@ -356,18 +332,18 @@ def _build_stages(root: Path, seed: int, quiet: bool) -> None:
         stages_file.write_text(json.dumps(record, indent=2) + "\n")
 
     t_start = time.perf_counter()
-    objects, images = training_photos(seed)
+    objects, images = training_photos(seed, recipe)
     todo = [name for name, marker in (("decoder", "decoder/model_index.json"), ("classifier", "classifier.safetensors"))
             if not (root / marker).is_file() or name not in stages]
     # The decoder side does not need the backbone: it trains in a second process meanwhile, one thread
     # each, so a fresh build uses both cores without a thread barrier between them.
-    side = _SecondProcess(root, seed=seed, stages=todo, steps=STEPS, n_train=N_TRAIN,
-                          n_held=N_CLASSIFIER_HELD) if todo else None
+    side = SecondProcess("unipers.world.build:_decoder_side", root, root=str(root), seed=seed, stages=todo,
+                         recipe=asdict(recipe)) if todo else None
     try:
         if not (root / "backbone" / "config.json").is_file() or "backbone" not in stages:
             _say("world: decoder and judge train in a second process meanwhile" if side else "", quiet)
             with atomic_directory(root / "backbone", overwrite=True) as tmp:
-                info = build_backbone(tmp, objects, images, seed=seed, quiet=quiet)
+                info = build_backbone(tmp, objects, images, seed=seed, quiet=quiet, recipe=recipe)
             done("backbone", info)
         if side:
             _say("world: waiting for the decoder and judge", quiet)
@@ -383,14 +359,14 @@ def _build_stages(root: Path, seed: int, quiet: bool) -> None:
         partial = root / "align.partial"
         if partial.exists():
             shutil.rmtree(partial)
-        info = run_world_align(root, partial, seed=seed, quiet=quiet)
+        info = run_world_align(root, partial, seed=seed, quiet=quiet, recipe=recipe)
         if (root / "align").exists():
             shutil.rmtree(root / "align")
         partial.rename(root / "align")
         done("align", info)
     obj = demo_object()
     info = {"version": WORLD_VERSION, "seed": seed, "held_out_object": obj.attributes(),
-            "train_photos": N_TRAIN, "backbone": BACKBONE, "decoder": DECODER, "steps": STEPS, "stages": stages,
+            "recipe": asdict(recipe), "stages": stages,
             "cpu": cpu_description(), "seconds_this_call": round(time.perf_counter() - t_start, 1)}
     (root / "world.json").write_text(json.dumps(info, indent=2) + "\n")
 

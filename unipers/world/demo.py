@@ -114,12 +114,12 @@ def prepare(photos: Path, out: Path, seed: int) -> Path:
 # ---- training -------------------------------------------------------------------------------------------
 
 def demo_config(root: Path, out: Path, s: DemoSettings):
-    from unipers.world.build import THREADS, world_config
+    from unipers.world.build import RECIPE, world_config
 
     return world_config(root, [
         f"seed={s.seed}", f"run_dir={out / 'run'}", f"data.concepts=[{out / 'data' / NAME}]",
         f"data.batch_size={s.batch_size}", f"trainer.max_steps={s.steps}", f"trainer.lr={s.lr}",
-        "trainer.weight_decay=0.0", "trainer.accelerator=cpu", f"trainer.cpu_threads={THREADS}",
+        "trainer.weight_decay=0.0", "trainer.accelerator=cpu", f"trainer.cpu_threads={RECIPE.threads}",
         f"trainer.val_every={max(1, s.steps // 3)}",
         f"trainer.checkpoint_every={max(1, s.steps // 3)}", "trainer.log_every=10",
         f"trainer.progress_bar={not s.quiet}", "personalize.warmup_steps=10",
@@ -216,9 +216,9 @@ def held_out_eval(cfg, session, concept_file: Path, data: Path, out: Path) -> di
 
 def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settings: DemoSettings | None = None) -> dict:
     from unipers.runtime import cpu_threads
-    from unipers.world.build import THREADS
+    from unipers.world.build import RECIPE
 
-    with cpu_threads(THREADS):  # the world's own thread count: the same numbers whatever the core count
+    with cpu_threads(RECIPE.threads):  # the world's own thread count: the same numbers whatever the core count
         return _run_demo(Path(out), root, settings or DemoSettings())
 
 

@@ -61,7 +61,7 @@ def bench_pretrain(root: Path, steps: int) -> dict:
     from unipers.concepts.prompts import PromptBuilder
     from unipers.models.tiny import build_tiny_chameleon
     from unipers.models.padding import pad_batch
-    from unipers.world import base
+    from unipers.world import base, tokenizer
     from unipers.world.build import RECIPE, demo_object, training_photos, world_corpus
 
     build_tiny_chameleon(root / "backbone", seed=0, corpus=world_corpus(), **RECIPE.backbone)
@@ -69,7 +69,7 @@ def bench_pretrain(root: Path, steps: int) -> dict:
     processor = AutoProcessor.from_pretrained(root / "backbone", local_files_only=True)
     objects, images = training_photos(0)
     objects, images = objects[:256], images[:256]
-    tokens = base.image_tokens(model, base.to_pixels(images, processor.image_processor))
+    tokens = tokenizer.image_tokens(model, tokenizer.to_pixels(images, processor.image_processor))
     bank = ConceptBank(model.config.vocab_size, model.config.hidden_size)
 
     def builder():

@@ -48,7 +48,7 @@ def describer(path):
 
     from unipers.world.probes import load_backbone
     from unipers.models.unified import describe_images
-    from unipers.world.base import image_tokens, to_pixels
+    from unipers.world.tokenizer import image_tokens, to_pixels
 
     bb, prompts = load_backbone(path)
 

@@ -70,7 +70,7 @@ def says_yes(bb, seqs, batch_size: int = 64) -> torch.Tensor:
 
 def main(argv=None) -> int:
     from unipers.models.unified import describe_images
-    from unipers.world import base
+    from unipers.world import tokenizer
     from unipers.world.build import demo_object, world_root
     from unipers.world.synth import ATTRIBUTES, all_objects, near_misses, render_many, with_article
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     rng = random.Random("bench/world-recognition")
     objects = [o for o in all_objects() if o != demo_object()]
     shown = [rng.choice(objects) for _ in range(args.photos)]
-    tokens = base.image_tokens(model, base.to_pixels(render_many(shown, "bench/world-recognition"), proc.image_processor))
+    tokens = tokenizer.image_tokens(model, tokenizer.to_pixels(render_many(shown, "bench/world-recognition"), proc.image_processor))
     t0 = time.perf_counter()
     descriptions = describe_images(bb, prompts, list(tokens))
     asked = {

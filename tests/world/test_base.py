@@ -2,7 +2,8 @@
 
 import torch
 
-from unipers.world.base import kmeans, to_pixels, world_example
+from unipers.world.base import world_example
+from unipers.world.tokenizer import kmeans, to_pixels
 from unipers.world.synth import WorldObject, render_many, sample_objects
 
 
@@ -29,7 +30,7 @@ def test_pixels_match_the_chameleon_processor(backbone_dir):
 def test_tokenizer_training_gives_codes_that_depend_on_the_image(backbone_dir):
     from transformers import AutoProcessor, ChameleonForConditionalGeneration
 
-    from unipers.world.base import image_tokens, label_tensor, train_image_tokenizer
+    from unipers.world.tokenizer import image_tokens, label_tensor, train_image_tokenizer
 
     model = ChameleonForConditionalGeneration.from_pretrained(backbone_dir)
     processor = AutoProcessor.from_pretrained(backbone_dir)
@@ -156,7 +157,8 @@ def _pretraining_batch(model, processor, objects, n=6, seed=0):
     from unipers.concepts.bank import ConceptBank
     from unipers.concepts.prompts import PromptBuilder
     from unipers.models.padding import pad_batch
-    from unipers.world.base import encode_example, image_tokens
+    from unipers.world.base import encode_example
+    from unipers.world.tokenizer import image_tokens
 
     prompts = PromptBuilder(processor.tokenizer, ConceptBank(model.config.vocab_size, model.config.hidden_size),
                             boi_id=processor.image_start_token_id, eoi_id=processor.image_end_token_id)
@@ -197,14 +199,15 @@ def test_pretraining_keeps_image_embeddings_a_map_of_the_codebook_and_saves_a_st
     text rows train freely, the VQ model is untouched, and the saved model reloads with identical rows."""
     from transformers import AutoProcessor, ChameleonForConditionalGeneration
 
-    from unipers.world.base import _standardized_codebook, init_image_embeddings, pretrain_backbone
+    from unipers.world.base import pretrain_backbone
+    from unipers.world.tokenizer import init_image_embeddings, standardized_codebook
 
     model = ChameleonForConditionalGeneration.from_pretrained(backbone_dir)
     processor = AutoProcessor.from_pretrained(backbone_dir)
     objects = sample_objects(8, 3)
     prompts, tokens, *_ = _pretraining_batch(model, processor, objects, seed=3)
     init_image_embeddings(model)
-    codes, ids = _standardized_codebook(model)
+    codes, ids = standardized_codebook(model)
     before = model.get_input_embeddings().weight.detach().clone()
     vq_before = {n: p.detach().clone() for n, p in model.model.vqmodel.named_parameters()}
     pretrain_backbone(model, prompts, tokens, objects, steps=4, batch_size=4, lr=1e-2, seed=0)

@@ -148,20 +148,20 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_o
     from unipers.concepts.bank import ConceptBank
     from unipers.concepts.prompts import PromptBuilder
     from unipers.models.tiny import build_tiny_chameleon
-    from unipers.world import base
+    from unipers.world import base, tokenizer
 
     build_tiny_chameleon(out, seed=seed, corpus=world_corpus(), **recipe.backbone)
     model = ChameleonForConditionalGeneration.from_pretrained(out, local_files_only=True)
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)
-    pixels = base.to_pixels(images, processor.image_processor)
+    pixels = tokenizer.to_pixels(images, processor.image_processor)
     info = {}
     t0 = time.perf_counter()
     with _bar(recipe.steps["tokenizer"], "world: image tokenizer", quiet) as bar:
-        info["tokenizer"] = base.train_image_tokenizer(model, pixels, base.label_tensor(objects),
+        info["tokenizer"] = tokenizer.train_image_tokenizer(model, pixels, tokenizer.label_tensor(objects),
                                                        steps=recipe.steps["tokenizer"], seed=seed, progress=bar)
     info["tokenizer"]["seconds"] = round(time.perf_counter() - t0, 1)
-    tokens = base.image_tokens(model, pixels)
-    base.init_image_embeddings(model, seed=seed)
+    tokens = tokenizer.image_tokens(model, pixels)
+    tokenizer.init_image_embeddings(model, seed=seed)
     bank = ConceptBank(model.config.vocab_size, model.config.hidden_size)
     prompts = PromptBuilder(processor.tokenizer, bank, boi_id=processor.image_start_token_id,
                             eoi_id=processor.image_end_token_id)
@@ -179,7 +179,7 @@ def build_decoder(out: Path, images, *, seed: int, quiet: bool, recipe: WorldRec
     from diffusers import AutoencoderKL
 
     from unipers.models.tiny_decoder import build_tiny_decoder
-    from unipers.world.base import to_pixels
+    from unipers.world.tokenizer import to_pixels
     from unipers.world.decoder import train_vae
 
     build_tiny_decoder(out, seed=seed, **recipe.decoder)
@@ -247,7 +247,7 @@ def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool, recipe: Wo
 def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool, recipe: WorldRecipe = RECIPE) -> dict:
     import torch
 
-    from unipers.world.base import label_tensor
+    from unipers.world.tokenizer import label_tensor
     from unipers.world.decoder import save_classifier, train_classifier
     from unipers.world.synth import all_objects, render_many, sample_objects
 

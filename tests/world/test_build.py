@@ -66,7 +66,7 @@ def test_the_demo_object_is_never_in_the_training_photos(micro):
 def test_world_align_on_cached_latents_ends_where_per_batch_encoding_ends(micro, tmp_path, tiny_dirs):
     """The build aligns on latents encoded once: the world's VAE (no attention) gives an image the same
     latents in a cache chunk of 32 as in a shuffled batch of 32, so the run ends at the same weights as one
-    encoding every batch (world-v5's connector and UNet delta, checked by hash, came from such a run)."""
+    encoding every batch."""
     import torch
     from PIL import Image
     from safetensors.torch import load_file

@@ -166,7 +166,7 @@ def directives(cfg, run_dir: Path, n_tasks: int) -> list[str]:
         if getattr(s, key):
             out.append(f"--{key}={getattr(s, key)}")
     out += [f"--output={run_dir / LOGS}/%x-{'%A_%a' if array else '%j'}.out", "--open-mode=append", "--export=ALL"]
-    # USR1 without B: goes to the training tasks, not the batch shell (DESIGN.md, Slurm requeue facts).
+    # USR1 without B: goes to the training tasks, not the batch shell (docs/slurm.md).
     out += ["--signal=USR1@90", "--requeue"] if s.requeue else ["--no-requeue"]
     if array:
         out.append(f"--array=0-{n_tasks - 1}" + (f"%{s.max_parallel}" if s.max_parallel else ""))

@@ -4,7 +4,7 @@ The HF model is never modified: concept ids (>= V) are embedded by the bank befo
 ``inputs_embeds``, and concept logits are appended to the frozen ``lm_head``'s. Logits are computed only
 where a loss needs them, never for the whole (B, L, 65536) block.
 
-Facts this relies on (DESIGN.md): ``model.model(...).last_hidden_state`` is already normed; the stock
+Facts about transformers' Chameleon that this relies on: ``model.model(...).last_hidden_state`` is already normed; the stock
 ``forward`` sets every image-token logit to the dtype minimum, so the image-token loss computes its own
 logits from hidden states; the VQ model has an encoder only, so image tokens come from
 ``get_image_tokens`` and are cached per image.

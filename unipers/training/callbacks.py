@@ -77,7 +77,7 @@ class ConceptFiles(L.Callback):
 class _OnSignal(L.Callback):
     """Acts on a signal at the end of an optimizer step, on every rank at the same step.
 
-    The local flag is all-reduced once per optimizer step (~0.3 ms, DESIGN.md): ranks that saw the signal
+    The local flag is all-reduced once per optimizer step (a fraction of a millisecond): ranks that saw the signal
     one step apart would otherwise save different steps, or wait for each other forever. Mid gradient
     accumulation is never a resumable point, so nothing happens there.
     """
@@ -109,7 +109,7 @@ class _OnSignal(L.Callback):
 class CheckpointOnSignal(_OnSignal):
     """SIGTERM (a kill, a preemption) -> finish the step, write ``last.ckpt``, stop.
 
-    Lightning itself finishes the batch and exits without saving anything (DESIGN.md); it raises only after
+    Lightning itself finishes the batch and exits without saving anything; it raises only after
     ``on_train_batch_end``, so the checkpoint written here is the same kind ModelCheckpoint writes.
 
     A SIGTERM that lands after this check in a step (while ModelCheckpoint writes, say) is caught at the
@@ -152,7 +152,7 @@ class SlurmRequeue(_OnSignal):
     exit. The requeued job resumes with ``ckpt_path=last`` to the same rows as an uninterrupted run.
 
     The handler only sets a flag: Lightning's own auto-requeue saves inside the handler, mid-step, and the
-    resumed run skips or repeats batches (DESIGN.md).
+    resumed run skips or repeats batches.
     """
 
     requested = False

@@ -136,10 +136,10 @@ def world_example(obj: WorldObject, rng: random.Random, held_out: Sequence[World
     The main task is recognition (``recognition_example``), asked after the base has described the photo
     in words, so the decision compares zib's description with the base's own words for the image. The base
     reads shape / colour / pattern well (its descriptions: 0.93 / 0.98 / 0.99 of fresh photos) but, asked
-    about the image directly, a 4-layer base learned in 2,000-4,000 steps to compare one attribute only
-    (world-v4: near-misses of another shape rejected 0.14). Three quarters are scored on the description and the
-    Yes / No alone: the rest of a templated answer repeats the question, and its gradient drowned the
-    decision's; the others teach the answer's wording, which a concept is later trained on.
+    about the image directly, a 4-layer base learns in a few thousand steps to compare one attribute only.
+    Three quarters are scored on the description and the Yes / No alone: the rest of a templated answer
+    repeats the question, and its gradient would drown the decision's; the others teach the answer's
+    wording, which a concept is later trained on.
     The other tasks teach names, attributes and captions, and how a fact is read off a prefix sentence."""
     from unipers.data import samples as S
 

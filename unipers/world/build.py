@@ -236,7 +236,7 @@ def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool, recipe: Wo
         f"align.unfreeze_blocks=[{','.join(blocks)}]", "align.warmup_steps=50", "align.caption_dropout=0.1",
         # Latents encoded once into pairs/cache/ (the default, spelled out): the VAE gives each image the same
         # latents in a chunk of 32 as in a shuffled batch of 32, so align ends bitwise where per-batch
-        # encoding ends (world-v5's connector and UNet delta, checked by hash), 0.76x the step time.
+        # encoding ends (checked by tests/world/test_build.py), at 0.76x the step time.
         "data.cache_latents=true",
     ])
     t0 = time.perf_counter()

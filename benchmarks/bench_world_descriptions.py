@@ -25,65 +25,18 @@ import json
 import platform
 import sys
 import tempfile
-import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from unipers.world.probes import description_scores, parse_object  # noqa: E402  (after the path above)
+from unipers.world.probes import held_out_descriptions, parse_object  # noqa: E402  (after the path above)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 HELD_OUT = ("purple striped star", "green checkered triangle", "yellow striped circle", "white striped diamond",
             "orange checkered square", "blue striped triangle", "red checkered circle")
-
-
-def describer(path):
-    """The saved backbone at ``path``, loaded once (``bench_world_recognition.load_backbone``): a function
-    from (N, H, W, 3) uint8 photos to its own description of each, as text."""
-    import torch
-
-    from unipers.world.probes import load_backbone
-    from unipers.models.unified import describe_images
-    from unipers.world.tokenizer import image_tokens, to_pixels
-
-    bb, prompts = load_backbone(path)
-
-    def describe(images) -> list[str]:
-        with torch.no_grad():
-            tokens = image_tokens(bb.model, to_pixels(images, bb.processor.image_processor))
-        return [bb.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                for ids in describe_images(bb, prompts, list(tokens))]
-
-    return describe
-
-
-def bench_seed(seed: int, held_out, photos: int, work: Path, quiet: bool, recipe=None) -> dict:
-    """One seed: a backbone built by `recipe` (default the world's) with `held_out` held out, then scored."""
-    from unipers.world import build
-    from unipers.world.synth import render_many, sample_objects
-
-    recipe = recipe or build.RECIPE
-    objects = sample_objects(recipe.n_train, f"{seed}/train", exclude=held_out)
-    images = render_many(objects, f"{seed}/train")
-    t0 = time.perf_counter()
-    info = build.build_backbone(work / f"seed{seed}", objects, images, seed=seed, quiet=quiet, held_out=held_out,
-                                recipe=recipe)
-    seconds = time.perf_counter() - t0
-    rows = {}
-    describe = describer(work / f"seed{seed}")
-    seen = sample_objects(photos, f"descriptions/{seed}/seen", exclude=held_out)
-    for name, objs in [(str(o), [o] * photos) for o in held_out] + [("seen objects (fresh photos)", seen)]:
-        texts = describe(render_many(objs, f"descriptions/{seed}/{name}"))
-        rows[name] = description_scores(texts, objs)
-        wrong = Counter(t for t, o in zip(texts, objs) if description_scores([t], [o])["all"] < 1)
-        rows[name]["commonest_wrong"] = wrong.most_common(2)
-    return {"seed": seed, "build_seconds": round(seconds, 1), "pretrain_steps": info["pretrain"]["steps"],
-            "pretrain_final_loss": info["pretrain"]["final_loss"],
-            "rows": rows}
 
 
 def main(argv=None) -> int:
@@ -106,7 +59,7 @@ def main(argv=None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            runs.append(bench_seed(seed, held_out, args.photos, Path(tmp), args.quiet, recipe))
+            runs.append(held_out_descriptions(seed, held_out, args.photos, Path(tmp), args.quiet, recipe))
     names = list(runs[0]["rows"])
     print(f"\nDescriptions right (colour / pattern / shape / all three), {args.photos} fresh photos per row\n")
     print("| object | " + " | ".join(f"seed {r['seed']}" for r in runs) + " |")

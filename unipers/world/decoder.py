@@ -8,15 +8,12 @@ The UNet and the connector are trained afterwards by the project's own align sta
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unipers.world.synth import ATTRIBUTES
-
-Progress = Callable[[int, dict], None]
+from unipers.world.tokenizer import Progress, world_lr
 
 
 def train_vae(vae, pixels: Tensor, *, steps: int = 800, batch_size: int = 64, lr: float = 2e-3, kl_weight: float = 1e-6,
@@ -27,7 +24,7 @@ def train_vae(vae, pixels: Tensor, *, steps: int = 800, batch_size: int = 64, lr
     g = torch.Generator().manual_seed(seed)
     vae.requires_grad_(True).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: world_lr(s, steps, ramp=50))
     for step in range(steps):
         x = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
         dist = vae.encode(x).latent_dist
@@ -97,7 +94,7 @@ def train_classifier(images: Tensor, labels: Tensor, held_images: Tensor, held_l
     g = torch.Generator().manual_seed(seed)
     clf = AttributeClassifier()
     opt = torch.optim.AdamW(clf.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: world_lr(s, steps))
     clf.train()
     for step in range(steps):
         idx = torch.randint(len(images), (batch_size,), generator=g)

@@ -4,9 +4,14 @@ objects, scored against the objects' attributes.
     model, processor, prompts = load_base(root / "backbone")
     answer_logprob(model, prompts, questions, answers, image_tokens)   # whole-answer log-probabilities
     description_scores(["A purple striped star."], [parse_object("purple striped star")])
+    held_out_descriptions(seed, held_out, photos, work)   # build a base without `held_out`, then score it
 """
 
 from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -78,3 +83,46 @@ def attribute_answers(model, prompts, tokens, shown) -> dict:
         truth = torch.tensor([values.index(o.attributes()[key]) for o in shown])
         out[key] = (scores.argmax(1) == truth).float().mean().item()
     return out
+
+
+def describer(path):
+    """The saved backbone at ``path``, loaded once: a function from (N, H, W, 3) uint8 photos to its own
+    description of each, as text."""
+    from unipers.models.unified import describe_images
+    from unipers.world.tokenizer import image_tokens, to_pixels
+
+    bb, prompts = load_backbone(path)
+
+    def describe(images) -> list[str]:
+        with torch.no_grad():
+            tokens = image_tokens(bb.model, to_pixels(images, bb.processor.image_processor))
+        return [bb.tokenizer.decode(ids, skip_special_tokens=True).strip()
+                for ids in describe_images(bb, prompts, list(tokens))]
+
+    return describe
+
+
+def held_out_descriptions(seed: int, held_out, photos: int, work: Path, quiet: bool = True, recipe=None) -> dict:
+    """Build a backbone as ``unipers world build`` does (by `recipe`, default the world's) with `held_out`
+    kept out of its photos, texts and negatives; then score its descriptions of `photos` fresh photos of each
+    held-out object and of seen objects. One row per object, plus "seen objects (fresh photos)"."""
+    from unipers.world import build
+    from unipers.world.synth import render_many, sample_objects
+
+    recipe = recipe or build.RECIPE
+    objects = sample_objects(recipe.n_train, f"{seed}/train", exclude=held_out)
+    images = render_many(objects, f"{seed}/train")
+    t0 = time.perf_counter()
+    info = build.build_backbone(work / f"seed{seed}", objects, images, seed=seed, quiet=quiet, held_out=held_out,
+                                recipe=recipe)
+    seconds = time.perf_counter() - t0
+    rows = {}
+    describe = describer(work / f"seed{seed}")
+    seen = sample_objects(photos, f"descriptions/{seed}/seen", exclude=held_out)
+    for name, objs in [(str(o), [o] * photos) for o in held_out] + [("seen objects (fresh photos)", seen)]:
+        texts = describe(render_many(objs, f"descriptions/{seed}/{name}"))
+        rows[name] = description_scores(texts, objs)
+        wrong = Counter(t for t, o in zip(texts, objs) if description_scores([t], [o])["all"] < 1)
+        rows[name]["commonest_wrong"] = wrong.most_common(2)
+    return {"seed": seed, "build_seconds": round(seconds, 1), "pretrain_steps": info["pretrain"]["steps"],
+            "pretrain_final_loss": info["pretrain"]["final_loss"], "rows": rows}

@@ -23,6 +23,15 @@ from unipers.world.synth import ATTRIBUTES, WorldObject
 Progress = Callable[[int, dict], None]
 
 
+def world_lr(step: int, steps: int, *, ramp: int = 0) -> float:
+    """The LR multiplier of the world's own training loops (tokenizer, VAE, judge): a linear ramp over `ramp`
+    steps times a cosine to zero. The same curve as ``training.schedule.warmup_cosine(step, steps, ramp=ramp)``
+    but with the angle rounded as ``pi * step / steps``: the world's weights, and so every demo figure, depend
+    on those last bits, so the world keeps its own rounding."""
+    warm = min(1.0, (step + 1) / ramp) if ramp else 1.0
+    return warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def to_pixels(images: np.ndarray, image_processor=None) -> Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float: the Chameleon processor's rescale and normalisation when
     ``image_processor`` is given (its output for same-size images), else plain [-1, 1] (the decoder's)."""
@@ -111,7 +120,7 @@ def train_image_tokenizer(model, pixels: Tensor, labels: Tensor, *, steps: int =
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: world_lr(s, steps, ramp=50))
     g = torch.Generator().manual_seed(seed)
     encoder.train()
     acc = torch.zeros(3)

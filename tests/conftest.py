@@ -133,3 +133,61 @@ def session(concept_files):
     s.load(concept_files["bo"])
     s.load(concept_files["mam"])
     return s
+
+
+def _tree_digest(path) -> dict:
+    """{relative path: sha256 of its bytes (or "dir")} of everything under `path` (or of the file itself):
+    compared before and after a bad input, it shows nothing the user had was removed or changed."""
+    import hashlib
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    out = {}
+    for p in sorted(path.rglob("*")):
+        rel = str(p.relative_to(path))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def unipers_cli(capsys):
+    """Run ``unipers ARGS`` in this process: (exit code, stdout, stderr). An argparse error counts as its
+    exit code, as it would from the shell."""
+    from unipers.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def _one_line_error(err: str, *names: str) -> str:
+    """The last stderr line, after checking it is a one-line error (no traceback) naming every one of
+    `names` (a file, a key)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines, "no error message"
+    last = lines[-1]
+    for name in names:
+        assert str(name) in last, f"{name!r} not named in: {last}"
+    return last
+
+
+@pytest.fixture
+def tree_digest():
+    """The function ``tree_digest(path)`` above: hash a user's folder before and after a bad input."""
+    return _tree_digest
+
+
+@pytest.fixture
+def one_line_error():
+    """The function ``one_line_error(stderr, *names)`` above."""
+    return _one_line_error

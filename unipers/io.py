@@ -1,4 +1,11 @@
-"""Writes that a killed job cannot leave half-done: write beside the target, then rename over it."""
+"""Writes that a killed job cannot leave half-done (write beside the target, then rename over it), and that
+never replace what unipers did not write.
+
+Every folder written through ``atomic_directory`` carries a marker file (``MARKER``). Replacing an existing
+folder needs ``overwrite=True`` and that marker, and is refused when the folder is, or holds, one of the
+inputs or the working directory: a mistyped ``--out`` can fail, never delete a user's photos. Files are
+created with the permissions the umask gives (teammates can read shared concept files), not mkstemp's 0600.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,53 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from unipers.errors import UnipersError
+
+MARKER = ".unipers-output"
+"""The file that marks a folder as written by unipers, so a later ``--overwrite`` may replace it."""
+
+
+class OutputError(UnipersError, FileExistsError):
+    """An output path that unipers will not write to or replace; the message names it and why."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_replaceable(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = (),
+                      flag: str = "--overwrite") -> None:
+    """Refuse (OutputError) to replace `out` unless it is a folder unipers wrote (it holds ``MARKER``) and it is
+    neither an input, nor holds one, nor the working directory or one of its parents."""
+    out = Path(out).absolute()
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise OutputError(f"{out}: is the working directory or holds it; choose another output folder")
+    for item in inputs:
+        item = Path(item).absolute().resolve()
+        if item == real or real in item.parents:
+            raise OutputError(f"{out}: holds the input {item}; choose another output folder")
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder unipers wrote; {flag} replaces only those")
+    if not (out / MARKER).is_file():
+        raise OutputError(f"{out}: exists and was not written by unipers (no {MARKER} in it); {flag} replaces "
+                          "only folders unipers wrote. Move it away or choose another output folder")
+
+
+def mark_output(folder: str | os.PathLike, kind: str) -> None:
+    """Write ``MARKER`` into `folder`: unipers wrote it, as `kind` (a prepared concept, an export, ...)."""
+    import json
+
+    from unipers import __version__
+
+    (Path(folder) / MARKER).write_text(json.dumps({"kind": kind, "unipers_version": __version__}) + "\n")
 
 
 @contextlib.contextmanager
@@ -20,6 +73,8 @@ def atomic_file(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        if Path(tmp).exists():
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give what an open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -46,22 +101,24 @@ def _remove_stale_tmp(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "output",
+                     inputs: Iterable[str | os.PathLike] = (), flag: str = "--overwrite") -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     On any exception (or Ctrl-C) the temporary folder is removed and `path` is untouched, so a failed
-    job leaves nothing half-written. `path` existing is an error unless `overwrite`.
+    job leaves nothing half-written. `path` existing is an error unless `overwrite`, and then only a folder
+    unipers wrote may be replaced (``check_replaceable``). The new folder is marked as `kind`.
     """
     out = Path(path).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output folder already exists: {out} (use --overwrite to replace it)")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputError(f"{out}: already exists ({flag} replaces a folder unipers wrote)")
+    check_replaceable(out, inputs=inputs, flag=flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", dir=out.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a mkdir
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like a mkdir
+        mark_output(tmp, kind)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from unipers.errors import UnipersError
 
-class ConfigError(ValueError):
+
+class ConfigError(UnipersError, ValueError):
     """A configuration file or override is invalid; the message names the source and the key."""
 
 

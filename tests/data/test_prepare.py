@@ -26,7 +26,7 @@ def leftovers(parent):
 def test_layout_and_samples_without_pool(tmp_path, photos_dir):
     (tmp_path / "facts.txt").write_text("<bo> has a red collar\nbo is 3 years old.\n\n# a comment\n")
     out = prepare_concept(photos_dir, "bo", tmp_path / "out", class_word="dog", facts=tmp_path / "facts.txt")
-    assert sorted(p.name for p in out.iterdir()) == ["concept.json", "images", "manifest.jsonl", "report.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [".unipers-output", "concept.json", "images", "manifest.jsonl", "report.txt"]
     concept, recs = read_prepared(out)
     assert concept["name"] == "bo" and concept["class_word"] == "dog" and concept["seed"] == 0
     assert (len(concept["train"]), len(concept["val"])) == (5, 1)

@@ -15,11 +15,12 @@ from typing import Iterable, Optional
 
 from unipers import __version__
 from unipers.concepts.bank import ConceptBank, SlotLayout
+from unipers.errors import UnipersError
 
 FORMAT = "unipers.concepts/1"
 
 
-class ConceptFileError(ValueError):
+class ConceptFileError(UnipersError, ValueError):
     """A concept file that cannot be loaded here; the message names the file and the problem."""
 
 

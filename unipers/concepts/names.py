@@ -9,13 +9,15 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
+from unipers.errors import UnipersError
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 # <name> markers in prompt text; the same grammar as NAME_PATTERN.
 MARKER_PATTERN = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]{0,31})>")
 RESERVED = {"image", "s", "pad", "unk", "eoss"}
 
 
-class ConceptNameError(ValueError):
+class ConceptNameError(UnipersError, ValueError):
     """A concept name that cannot be used; the message says why."""
 
 

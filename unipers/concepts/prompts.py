@@ -23,6 +23,7 @@ from torch import Tensor
 
 from unipers.concepts.bank import ConceptBank
 from unipers.concepts.names import MARKER_PATTERN
+from unipers.errors import UnipersError
 
 IMAGE_MARKER = "<image>"
 IGNORE_INDEX = -100
@@ -31,7 +32,7 @@ _TEXT_CACHE_SIZE = 1 << 16  # distinct text pieces remembered per builder (templ
 _SPLIT = re.compile(r"(<image>|<[A-Za-z0-9][A-Za-z0-9_-]{0,31}>)")
 
 
-class PromptError(ValueError):
+class PromptError(UnipersError, ValueError):
     """A prompt that cannot be encoded (unknown concept, image count mismatch, too long)."""
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from unipers.errors import UnipersError
+
 if TYPE_CHECKING:  # PIL is imported lazily so that ``unipers --help`` stays fast.
     from PIL import Image
 
@@ -28,7 +30,7 @@ IMAGE_EXTENSIONS = frozenset(
 GREY = (128, 128, 128)
 
 
-class PhotoError(ValueError):
+class PhotoError(UnipersError, ValueError):
     """A file that cannot be used as a photo; the message names the file."""
 
     def __init__(self, file: Path | str, reason: str):

@@ -30,6 +30,7 @@ from torch import Tensor
 from unipers.concepts.names import MARKER_PATTERN
 from unipers.concepts.prompts import IMAGE_MARKER, PromptError
 from unipers.concepts.recognition import recognition_layout
+from unipers.errors import UnipersError
 from unipers.models.padding import pad_batch
 from unipers.models.unified import UnifiedModel
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
 
-class InputError(ValueError):
+class InputError(UnipersError, ValueError):
     """Bad input to ask / recognize / generate; the message names the file or the problem."""
 
 

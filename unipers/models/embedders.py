@@ -24,10 +24,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from unipers.errors import UnipersError
+
 ImagesLike = Union[Tensor, Sequence[Image.Image]]
 
 
-class MetricModelError(ValueError):
+class MetricModelError(UnipersError, ValueError):
     """A metric model that is not configured or cannot be loaded; the message names the config key."""
 
 

@@ -27,3 +27,9 @@ class StoppedBySignal(UnipersError):
     """A run stopped on SIGTERM at the end of a step, after writing its checkpoint."""
 
     exit_code = EXIT_STOPPED
+
+
+class DivergedError(UnipersError):
+    """Training produced a non-finite loss or concept row; nothing non-finite was saved."""
+
+    exit_code = EXIT_FAILED

@@ -55,6 +55,16 @@ def check_replaceable(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
                           "only folders unipers wrote. Move it away or choose another output folder")
 
 
+def check_output(out: str | os.PathLike, *, overwrite: bool, inputs: Iterable[str | os.PathLike] = (),
+                 flag: str = "--overwrite") -> None:
+    """Before the slow part of a command: may `out` be written? Refuses an existing `out` without
+    `overwrite`, and otherwise what ``check_replaceable`` refuses."""
+    out = Path(out).absolute()
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputError(f"{out}: already exists ({flag} replaces a folder unipers wrote)")
+    check_replaceable(out, inputs=inputs, flag=flag)
+
+
 def mark_output(folder: str | os.PathLike, kind: str) -> None:
     """Write ``MARKER`` into `folder`: unipers wrote it, as `kind` (a prepared concept, an export, ...)."""
     import json
@@ -102,17 +112,19 @@ def _remove_stale_tmp(out: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, kind: str = "output",
-                     inputs: Iterable[str | os.PathLike] = (), flag: str = "--overwrite") -> Iterator[Path]:
+                     inputs: Iterable[str | os.PathLike] = (), flag: str = "--overwrite",
+                     cache: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it replaces `path` in one rename.
 
     On any exception (or Ctrl-C) the temporary folder is removed and `path` is untouched, so a failed
     job leaves nothing half-written. `path` existing is an error unless `overwrite`, and then only a folder
     unipers wrote may be replaced (``check_replaceable``). The new folder is marked as `kind`.
+    `cache=True`: `path` is a fixed sub-folder of one of unipers' own caches (the tiny models, the world),
+    rebuilt in place whatever an older version left there.
     """
     out = Path(path).absolute()
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputError(f"{out}: already exists ({flag} replaces a folder unipers wrote)")
-    check_replaceable(out, inputs=inputs, flag=flag)
+    if not cache:
+        check_output(out, overwrite=overwrite, inputs=inputs, flag=flag)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(out)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(out)}{os.getpid()}-", dir=out.parent))
@@ -130,6 +142,43 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, kind: 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)
+
+
+LOCK = ".unipers-lock"
+
+
+class FolderBusyError(UnipersError):
+    """Another process is writing to the folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, *, first_process: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (creating it) while the block runs: a second run started in the
+    same folder fails at once (FolderBusyError naming the holder) instead of mixing its files with the first
+    one's. The lock is released when the process ends, however it ends. `first_process=False` (a worker of
+    a run its launcher already locked) takes no lock."""
+    import fcntl
+
+    if not first_process:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise FolderBusyError(f"{folder}: in use by {holder}; wait for it to finish or give another run_dir")
+        except OSError as err:  # a file system without locks: run, and say that nothing guards the folder
+            print(f"unipers: {folder}: cannot lock ({err.strerror}); make sure no other run writes here",
+                  flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:

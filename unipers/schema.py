@@ -37,8 +37,7 @@ class BackboneConfig:
         _check_choice("backbone.attn_implementation", self.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
         if self.describe_first is not None and not self.describe_first.strip():
             raise ConfigError("backbone.describe_first: an empty question; use null to ask directly")
-        if self.describe_tokens < 1:
-            raise ConfigError(f"backbone.describe_tokens must be >= 1, got {self.describe_tokens}")
+        _check_range("backbone.describe_tokens", self.describe_tokens, 1, 4096)
 
 
 @dataclass
@@ -70,6 +69,7 @@ class ConnectorConfig:
 
     def __post_init__(self) -> None:
         _check_choice("connector.kind", self.kind, ("linear", "mlp", "queries"))
+        _check_ranges("connector", self, {"num_queries": (1, 4096), "num_layers": (0, 64), "num_heads": (1, 256)})
 
 
 @dataclass
@@ -88,9 +88,8 @@ class BankConfig:
     """Trainable lm_head rows: identifier (the model can say <bo>), all (also slots, for self-prompting), none."""
 
     def __post_init__(self) -> None:
-        for key in ("num_shared", "num_und", "num_gen"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"bank.{key} must be >= 0, got {getattr(self, key)}")
+        _check_ranges("bank", self, {"num_shared": (0, 1024), "num_und": (0, 1024), "num_gen": (0, 1024),
+                                     "init_noise": (0.0, 100.0)})
         _check_choice("bank.init", self.init, ("class_word", "random"))
         _check_choice("bank.head_rows", self.head_rows, ("identifier", "all", "none"))
 
@@ -141,8 +140,16 @@ class DataConfig:
     cache_latents: bool = True
     """Align, folder pairs: encode each image with the frozen VAE once, into
     ``<pairs>/cache/latents-<decoder fingerprint>.safetensors`` (held in memory while training), not at
-    every step. Turn off for folders too large to hold; shards are always streamed. Delete the cache if the
-    images change under the same names."""
+    every step. Turn off for folders too large to hold; shards are always streamed. Entries are keyed by
+    the images' sha256, so an image changed under the same name is encoded again."""
+    cache_batch_size: int = 32
+    """Align, folder pairs: images per VAE batch while filling the latent cache (saved as it fills)."""
+
+    def __post_init__(self) -> None:
+        _check_ranges("data", self, {"batch_size": (1, 65536), "num_workers": (0, 1024),
+                                     "cache_batch_size": (1, 65536)})
+        for task, weight in self.task_weights.items():
+            _check_range(f"data.task_weights.{task}", weight, 0.0, None)
 
 
 @dataclass
@@ -189,8 +196,12 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         _check_choice("trainer.strategy", self.strategy, ("auto", "ddp", "fsdp"))
         _check_choice("trainer.logger", self.logger, ("csv", "tensorboard", "wandb"))
-        if self.cpu_threads < 0:
-            raise ConfigError(f"trainer.cpu_threads must be 0 (auto) or positive, not {self.cpu_threads}")
+        # Bounds that catch typos (1e30, -1, NaN) while leaving every real setting open.
+        _check_ranges("trainer", self, {
+            "max_steps": (1, 10**9), "devices": (1, 4096), "num_nodes": (1, 4096), "lr": (None, 10.0, 0.0),
+            "weight_decay": (0.0, 10.0), "gradient_clip_val": (0.0, None), "accumulate_grad_batches": (1, 4096),
+            "val_every": (0, None), "checkpoint_every": (0, None), "limit_val_batches": (0, None),
+            "log_every": (1, None), "cpu_threads": (0, 4096)})
 
 
 @dataclass
@@ -201,6 +212,10 @@ class LossWeights:
     """AR NLL of the target image's VQ tokens after the generation prompt."""
     diffusion: float = 1.0
     """Denoising loss through the frozen connector and decoder."""
+
+    def __post_init__(self) -> None:
+        _check_ranges("losses", self, {"understanding": (0.0, 1e4), "image_tokens": (0.0, 1e4),
+                                       "diffusion": (0.0, 1e4)})
 
 
 @dataclass
@@ -223,6 +238,7 @@ class StageConfig:
         if bad:
             raise ConfigError(f"stage {self.name!r}: unknown slot group(s) {bad} in 'train' "
                               "(valid: identifier, shared, und, gen)")
+        _check_range(f"personalize.schedule[{self.name}].steps", self.steps, 0, None)
 
 
 @dataclass
@@ -241,8 +257,8 @@ class PersonalizeConfig:
 
     def __post_init__(self) -> None:
         _check_choice("personalize.lr_schedule", self.lr_schedule, ("cosine", "constant"))
-        if self.decision_weight <= 0:
-            raise ConfigError(f"personalize.decision_weight must be positive, not {self.decision_weight}")
+        _check_ranges("personalize", self, {"warmup_steps": (0, None), "save_every": (0, None),
+                                            "decision_weight": (None, 1e4, 0.0)})
         if not self.schedule:
             raise ConfigError("personalize.schedule is empty")
         for stage in self.schedule[:-1]:
@@ -265,6 +281,8 @@ class AlignConfig:
 
     def __post_init__(self) -> None:
         _check_choice("align.train_decoder", self.train_decoder, ("none", "lora", "blocks"))
+        _check_ranges("align", self, {"lora_rank": (1, 4096), "warmup_steps": (0, None),
+                                      "caption_dropout": (0.0, 1.0)})
 
 
 @dataclass
@@ -292,7 +310,8 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)
     """Shell lines run before training: module loads, venv activation."""
     extra: list[str] = field(default_factory=list)
-    """Free-form #SBATCH directives, e.g. "--mail-type=END"."""
+    """More sbatch options, one "--option=value" (or "--flag") per item and #SBATCH line, e.g. "--mail-type=END";
+    checked at submit (no spaces or newlines, none of the options unipers sets: docs/slurm.md)."""
     requeue: bool = True
     """Requeue on preemption / time limit and resume from the last checkpoint."""
 
@@ -319,6 +338,10 @@ class EvalConfig:
     """Prompts per forward pass when scoring answers (recognition, options, captions)."""
     baselines: list[str] = field(default_factory=lambda: ["none", "text", "image"])
     """Untrained-base rows: none (no personal info), text (a description in the prompt), image (a photo in context)."""
+
+    def __post_init__(self) -> None:
+        _check_ranges("eval", self, {"images_per_prompt": (1, 1024), "steps": (1, 1000), "guidance": (0.0, 100.0),
+                                     "max_new_tokens": (1, 4096), "batch_size": (1, 4096)})
 
 
 @dataclass
@@ -347,6 +370,26 @@ class Config:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_range(key: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                 above: float | None = None) -> None:
+    """ConfigError naming `key` unless `value` is a finite number with lo <= value <= hi (and > above)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, not {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi) or (above is not None and value <= above):
+        low = f"> {above:g}" if above is not None else (f">= {lo:g}" if lo is not None else "")
+        high = f"<= {hi:g}" if hi is not None else ""
+        raise ConfigError(f"{key} must be {' and '.join(x for x in (low, high) if x)}, not {value!r}")
+
+
+def _check_ranges(section: str, obj: Any, ranges: dict[str, tuple]) -> None:
+    """``{field: (lo, hi)}`` or ``{field: (lo, hi, above)}`` for each numeric field of a section."""
+    for name, bounds in ranges.items():
+        lo, hi, *above = bounds
+        _check_range(f"{section}.{name}", getattr(obj, name), lo, hi, above=above[0] if above else None)
 
 
 def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from unipers.config import load_config
+from unipers.errors import EXIT_STOPPED, StoppedBySignal
 from unipers.models.unified import UnifiedModel
 from unipers.training.run import train
 
@@ -146,7 +147,7 @@ def test_run_killed_by_sigterm_resumes_to_identical_rows(prepared_concepts, tmp_
         assert killed.poll() is None and time.time() < deadline, killed.stdout.read() if killed.poll() is not None else "timeout"
         time.sleep(0.05)
     killed.send_signal(signal.SIGTERM)
-    killed.wait(timeout=120)
+    assert killed.wait(timeout=120) == EXIT_STOPPED  # not 0: `&&` and requeue scripts see it stopped
     # failed once in CI (no last.ckpt, cause not found): keep the run's output if it ever recurs
     assert (run / "checkpoints" / "last.ckpt").is_file(), killed.stdout.read()
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -175,7 +176,7 @@ def test_sigterm_during_validation_still_leaves_a_resumable_checkpoint(prepared_
     extra = ["trainer.max_steps=12", "trainer.weight_decay=0.01", "trainer.val_every=5", "trainer.limit_val_batches=3"]
     train(cfg_for("personalize.yaml", tmp_path / "full", prepared_concepts, *extra))
     run = tmp_path / "killed"
-    with pytest.raises(SystemExit):
+    with pytest.raises(StoppedBySignal, match="ckpt_path=last"):
         train(cfg_for("personalize.yaml", run, prepared_concepts, *extra), [_SigtermInFirstValidation()])
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 5 and not (run / "concepts" / "last.safetensors").exists()

@@ -26,8 +26,10 @@ def token_names(info) -> list[str]:
     return names
 
 
-def export_merged(backbone, out_dir: str | Path) -> Path:
-    """Write `backbone` (an ARBackbone with concepts loaded) as a standalone HF model + processor."""
+def export_merged(backbone, out_dir: str | Path, *, overwrite: bool = False, inputs=()) -> Path:
+    """Write `backbone` (an ARBackbone with concepts loaded) as a standalone HF model + processor. An existing
+    `out_dir` is replaced only with `overwrite`, only if unipers wrote it, and never when it holds one of
+    `inputs` (the base, the concept files) or the working directory."""
     import copy
 
     import torch
@@ -35,6 +37,9 @@ def export_merged(backbone, out_dir: str | Path) -> Path:
     from unipers.concepts.bank import GROUPS
     from unipers.io import atomic_directory
 
+    from unipers.io import check_output
+
+    check_output(out_dir, overwrite=overwrite, inputs=inputs)  # before the copy of the whole model
     bank, V = backbone.bank, backbone.vocab_size
     if len(backbone.tokenizer) != V:
         raise ValueError(
@@ -76,7 +81,7 @@ def export_merged(backbone, out_dir: str | Path) -> Path:
     processor = copy.copy(backbone.processor)
     processor.tokenizer = tokenizer
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir, overwrite=True) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, kind="export", inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         meta = {"base_fingerprint": backbone.base_fingerprint, "concepts": prompts}
@@ -88,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", required=True, help="local HF Chameleon/Anole folder, or 'tiny'")
     parser.add_argument("--concept", action="append", required=True, help="concept file (repeat for several)")
     parser.add_argument("--out", required=True, help="output folder for the merged checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when an earlier export wrote it")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
 
 
@@ -96,9 +102,14 @@ def main(args: argparse.Namespace) -> int:
     from unipers.models.backbone import ARBackbone
     from unipers.models.tiny import resolve_path
 
-    backbone = ARBackbone.from_pretrained(resolve_path(args.backbone, "backbone"), dtype=args.dtype)
+    from unipers.io import check_output
+
+    base = resolve_path(args.backbone, "backbone")
+    inputs = [base, *args.concept]
+    check_output(args.out, overwrite=args.overwrite, inputs=inputs)  # before loading a 7B base
+    backbone = ARBackbone.from_pretrained(base, dtype=args.dtype)
     for path in args.concept:
         load_concepts(backbone.bank, path, base_fingerprint=backbone.base_fingerprint, vocabulary=backbone.vocabulary)
-    out = export_merged(backbone, args.out)
+    out = export_merged(backbone, args.out, overwrite=args.overwrite, inputs=inputs)
     print(f"merged {', '.join(backbone.bank.names)} into {out}")
     return 0

@@ -154,10 +154,10 @@ def ensure_tiny(root: str | os.PathLike | None = None, force: bool = False) -> t
     root = Path(root) if root else cache_dir("tiny")
     ar_dir, dec_dir = root / "backbone", root / "decoder"
     if force or not (ar_dir / "config.json").is_file():
-        with atomic_directory(ar_dir, overwrite=True) as tmp:
+        with atomic_directory(ar_dir, overwrite=True, cache=True) as tmp:
             build_tiny_chameleon(tmp)
     if force or not (dec_dir / "model_index.json").is_file():
-        with atomic_directory(dec_dir, overwrite=True) as tmp:
+        with atomic_directory(dec_dir, overwrite=True, cache=True) as tmp:
             build_tiny_decoder(tmp, cross_attention_dim=64, pooled_dim=64)
     return ar_dir, dec_dir
 

@@ -4,6 +4,11 @@ validation samples.
 Concept files go to ``RUN/concepts/``, written atomically by rank 0:
 ``step_000100.safetensors`` every `save_every` steps, ``best_recognition`` / ``best_diffusion`` when the
 held-out split improves, and ``last`` at the end.
+
+A run killed at any moment and resumed picks the same best files as one never killed: a best file records
+its metric's value in its header, and a resumed run compares against the file on disk (the truth, even when
+the kill came after the file was written but before the next checkpoint); and a checkpoint at a step that
+validates is written after that validation (``StepCheckpoints``), so resuming never skips a validation.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def bank_digest(bank) -> str:
@@ -39,9 +45,28 @@ class ConceptFiles(L.Callback):
         self.folder, self.save_every = Path(folder), save_every
         self.best: dict[str, float] = {}
 
-    def _save(self, pl_module, name: str, trainer: L.Trainer) -> None:
+    def _save(self, pl_module, name: str, trainer: L.Trainer, extra: dict | None = None) -> None:
         if _rank_zero(trainer):
-            pl_module.model.save_concepts(self.folder / f"{name}.safetensors", extra={"step": str(trainer.global_step)})
+            pl_module.model.save_concepts(self.folder / f"{name}.safetensors",
+                                          extra={"step": str(trainer.global_step), **(extra or {})})
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.best.update(self.saved_best())
+
+    def saved_best(self) -> dict[str, float]:
+        """{metric: value} recorded in the best files already in the folder (a resumed run's)."""
+        from safetensors import safe_open
+
+        found = {}
+        for key, (name, sign) in self.BEST.items():
+            path = self.folder / f"{name}.safetensors"
+            if not path.is_file():
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("metric") == key and "value" in meta:
+                found[key] = float(meta["value"])
+        return found
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -58,7 +83,7 @@ class ConceptFiles(L.Callback):
             value = float(value)
             if key not in self.best or sign * (value - self.best[key]) > 0:
                 self.best[key] = value
-                self._save(pl_module, name, trainer)
+                self._save(pl_module, name, trainer, {"metric": key, "value": repr(value)})
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(pl_module, "last", trainer)
@@ -72,6 +97,33 @@ class ConceptFiles(L.Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.best = dict(state.get("best", {}))
+
+
+class StepCheckpoints(ModelCheckpoint):
+    """A resumable checkpoint every `every` optimizer steps (``step_000050.ckpt``). At a step that validates it
+    is written after the validation, so it holds the best-file state that validation produced and a run
+    resumed from it does not skip that validation."""
+
+    def __init__(self, folder: str | Path, every: int):
+        super().__init__(dirpath=folder, filename="step_{step:06d}", auto_insert_metric_name=False,
+                         every_n_train_steps=every or None, save_top_k=-1, save_last=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self._every_n_train_steps
+        if every and trainer.global_step % every == 0 and validates_after_this_batch(trainer):
+            self._defer_save_until_validation = True  # ModelCheckpoint.on_validation_end saves then
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def validates_after_this_batch(trainer) -> bool:
+    """Whether Lightning runs validation right after the current training batch: every
+    ``val_check_interval`` batches counted over the whole run (``check_val_every_n_epoch=None``)."""
+    loop = trainer.fit_loop.epoch_loop
+    every = trainer.val_check_batch
+    if not trainer.enable_validation or not every or every == float("inf") or trainer.check_val_every_n_epoch:
+        return False
+    return (loop.total_batch_idx + 1) % int(every) == 0
 
 
 class _OnSignal(L.Callback):
@@ -131,6 +183,10 @@ class CheckpointOnSignal(_OnSignal):
         trainer.save_checkpoint(self.folder / "last.ckpt")
         self.saved = True
         trainer.should_stop = True
+
+    def message(self, trainer) -> str:
+        return (f"stopped by SIGTERM at step {trainer.global_step}; {self.folder / 'last.ckpt'} holds it: rerun "
+                "with ckpt_path=last to resume")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

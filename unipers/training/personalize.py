@@ -10,6 +10,9 @@ Three properties are kept on purpose:
 - **DDP equals one process.** Each loss is a sum divided by its *global* count (tokens or samples,
   all-reduced), times the world size that DDP's gradient averaging divides by; every sample's diffusion
   noise is seeded by (seed, step, sample id), not by where the sample landed.
+- **Finite or fail.** A non-finite loss (all-reduced, so every rank sees the same value) stops the run before
+  its backward, and rows that become non-finite after a step stop it before any callback can save them:
+  a diverged run exits non-zero (`DivergedError`) and never writes NaN concept files or checkpoints.
 - **Checkpoints hold trainable state only.** Frozen weights are dropped on save (`strict_loading=False`)
   and are neither broadcast nor all-reduced by DDP (`_ddp_params_and_buffers_to_ignore`).
 """
@@ -22,9 +25,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from unipers.errors import DivergedError
 from unipers.models.unified import UnifiedModel
 from unipers.training.losses import PersonalizeLoss
 from unipers.training.schedule import Schedule
+
 
 class PersonalizeModule(L.LightningModule):
     def __init__(self, model: UnifiedModel, schedule: Schedule, *, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -63,6 +68,10 @@ class PersonalizeModule(L.LightningModule):
         sums, counts = self.loss.terms(batch, weights, step, zero=total.detach())
         names = list(sums)
         reduced = self._global_sum(torch.tensor([counts[n] for n in names] + [sums[n].item() for n in names]))
+        if not torch.isfinite(reduced).all():
+            bad = [n for n, v in zip(names, reduced[len(names):]) if not torch.isfinite(v)]
+            raise DivergedError(f"training diverged at step {step}: the {', '.join(bad)} loss is not finite "
+                                f"(trainer.lr={self.lr:g}); nothing of this step was saved")
         total, logs = self.loss.combine(total, sums, reduced, weights, self.world)
         logs["train/stage"] = float(self.schedule.index_at(step))
         self.log_dict(logs, prog_bar=True, batch_size=len(batch["concepts"]))
@@ -70,6 +79,17 @@ class PersonalizeModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.bank.drop_gradients(keep=self.schedule.at(self.global_step).train)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Before on_train_batch_end, where checkpoints and concept files are written. The rows are the same
+        # on every rank (all-reduced gradients), so every rank stops at the same step.
+        bad = [name for name in self.model.bank.names
+               if not all(torch.isfinite(p).all() for p in self.model.bank.concept_rows(name).parameters())]
+        if bad:
+            raise DivergedError(f"training diverged at step {self.global_step}: the rows of "
+                                f"{', '.join('<' + b + '>' for b in bad)} are not finite (trainer.lr={self.lr:g}); "
+                                "nothing of this step was saved")
 
     def configure_optimizers(self):
         # The schedule knows max_steps: trainer.estimated_stepping_batches would skip restoring the loader

@@ -71,16 +71,46 @@ def write_run_info(cfg, run_dir: Path, fingerprints: dict) -> None:
         tmp.write_text(json.dumps(info, indent=2) + "\n")
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a Lightning checkpoint was written at (read through a memory map)."""
+    import torch
+
+    from unipers.config import ConfigError
+
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception as err:
+        raise ConfigError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(step, int) or step < 0:
+        raise ConfigError(f"{path}: global_step is {step!r}, not a step count")
+    return step
+
+
 def resolve_ckpt(value: str | None, run_dir: Path) -> str | None:
-    """`last` -> the run folder's newest checkpoint (None on a fresh run); a path must exist."""
+    """`last` -> the run folder's checkpoint of the highest step (None on a fresh run); a path must exist.
+    By step, not by file time: a copied or touched folder keeps its order."""
     if value is None:
         return None
     if value == "last":
-        ckpts = sorted((run_dir / CHECKPOINTS).glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-        return str(ckpts[-1]) if ckpts else None
+        ckpts = sorted((run_dir / CHECKPOINTS).glob("*.ckpt"))
+        if not ckpts:
+            return None
+        return str(max(ckpts, key=lambda p: (checkpoint_step(p), p.name == "last.ckpt")))
     if not Path(value).is_file():
         raise FileNotFoundError(f"ckpt_path: no such checkpoint {value}")
     return value
+
+
+def check_fresh_run(run_dir: Path) -> None:
+    """A run without ckpt_path may only start in a folder that holds no other run's checkpoints or outputs:
+    its config.yaml and run.json would describe one run and the files another."""
+    if (run_dir / CONCEPTS / "last.safetensors").exists() or (run_dir / "connector.safetensors").exists():
+        raise FileExistsError(f"{run_dir}: holds a finished run; give a new run_dir")
+    found = [p for pattern in (f"{CHECKPOINTS}/*.ckpt", f"{CONCEPTS}/*.safetensors")
+             for p in sorted(run_dir.glob(pattern))]
+    if found:
+        raise FileExistsError(f"{run_dir}: holds an unfinished run ({found[0].relative_to(run_dir)}); resume it "
+                              "with ckpt_path=last, or give a new run_dir")
 
 
 def check_logger_installed(kind: str) -> None:
@@ -125,15 +155,13 @@ def make_strategy(cfg):
 
 def build_trainer(cfg, run_dir: Path, callbacks: list, validate: bool = True):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from unipers.training.callbacks import CheckpointOnSignal, SlurmRequeue, in_slurm_step
+    from unipers.training.callbacks import CheckpointOnSignal, SlurmRequeue, StepCheckpoints, in_slurm_step
 
     t = cfg.trainer
     validate = validate and t.val_every > 0
     ckpt_dir = run_dir / CHECKPOINTS
-    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step_{step:06d}", auto_insert_metric_name=False,
-                               every_n_train_steps=t.checkpoint_every or None, save_top_k=-1, save_last=False)
+    periodic = StepCheckpoints(ckpt_dir, t.checkpoint_every)
     plugins, slurm = [], []
     if in_slurm_step():  # ranks from srun; requeue is ours (SlurmRequeue), not Lightning's mid-step one
         from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -167,12 +195,46 @@ def cpu_threads_for_run(cfg, model):
 
 
 def train(cfg, callbacks: Sequence = ()) -> Path:
+    """Run `cfg` (personalize or align) into ``cfg.run_dir``; returns it. The run folder is locked while the
+    run writes to it. Raises ``StoppedBySignal`` when a SIGTERM stopped the run after writing
+    ``checkpoints/last.ckpt`` (``ckpt_path=last`` resumes it)."""
+    from unipers.io import folder_lock
     from unipers.training.callbacks import SlurmRequeue, in_slurm_step
 
     check_logger_installed(cfg.trainer.logger)
     if in_slurm_step():
         SlurmRequeue.listen()  # before the (slow) model load: an unhandled SIGUSR1 would kill the task
-    return (run_align if cfg.stage == "align" else run_personalize)(cfg, callbacks)
+    run_dir = Path(cfg.run_dir)
+    with folder_lock(run_dir, first_process=launching_process()):
+        if cfg.ckpt_path is None:
+            check_fresh_run(run_dir)
+        return (run_align if cfg.stage == "align" else run_personalize)(cfg, callbacks)
+
+
+def launching_process() -> bool:
+    """Rank 0 of node 0 (or a single process): the one that holds the run folder's lock. Lightning's DDP
+    workers and Slurm's other tasks run inside the run that process locked."""
+    import os
+
+    return all(os.environ.get(k, "0") == "0" for k in ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "RANK"))
+
+
+def fit(trainer, module, *, datamodule, ckpt_path) -> None:
+    """``trainer.fit``, with a SIGTERM stop turned into ``StoppedBySignal`` once its checkpoint is written."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from unipers.errors import StoppedBySignal
+    from unipers.training.callbacks import CheckpointOnSignal
+
+    guard = next(c for c in trainer.callbacks if isinstance(c, CheckpointOnSignal))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException as err:
+        if not guard.saved:
+            raise
+        raise StoppedBySignal(guard.message(trainer)) from err
+    if guard.saved:
+        raise StoppedBySignal(guard.message(trainer))
 
 
 def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
@@ -213,18 +275,17 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
             from unipers.data.pairs import CaptionFolderDataset
 
             paths = CaptionFolderDataset(pairs, pairs / "captions.jsonl", model.decoder.image_size).image_paths
-            latents = latent_cache(model, paths, root=pairs) if self.trainer.global_rank == 0 else None
+            encode = dict(root=pairs, batch_size=cfg.data.cache_batch_size)
+            latents = latent_cache(model, paths, **encode) if self.trainer.global_rank == 0 else None
             self.trainer.strategy.barrier("align-latents")
-            return latents if latents is not None else latent_cache(model, paths, root=pairs)
+            return latents if latents is not None else latent_cache(model, paths, **encode)
 
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
     out = run_dir / "connector.safetensors"
-    if ckpt is None and out.exists():
-        raise FileExistsError(f"{run_dir} holds a finished align run; use a new run_dir, or ckpt_path=last")
     write_run_info(cfg, run_dir, model.fingerprints)
     trainer = build_trainer(cfg, run_dir, list(extra_callbacks), validate=False)
     with cpu_threads_for_run(cfg, model):
-        trainer.fit(module, datamodule=Pairs(), ckpt_path=ckpt)
+        fit(trainer, module, datamodule=Pairs(), ckpt_path=ckpt)
     if trainer.is_global_zero:
         module.save_connector(out)
         if a.train_decoder != "none":
@@ -274,12 +335,10 @@ def _fit_personalize(cfg, model, data, schedule, extra_callbacks: Sequence) -> P
     module = PersonalizeModule(model, schedule, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed,
                                decision_weight=p.decision_weight)
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
-    if ckpt is None and (run_dir / CONCEPTS / "last.safetensors").exists():
-        raise FileExistsError(f"{run_dir} holds a finished run; use a new run_dir, or ckpt_path=last to resume")
     write_run_info(cfg, run_dir, model.fingerprints)
     callbacks = [ConceptFiles(run_dir / CONCEPTS, p.save_every), *extra_callbacks]
     if t.val_every and data.val_records:
         callbacks.append(ValidationSamples(run_dir / SAMPLES))
     trainer = build_trainer(cfg, run_dir, callbacks, validate=bool(data.val_records))
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+    fit(trainer, module, datamodule=data, ckpt_path=ckpt)
     return run_dir

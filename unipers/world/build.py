@@ -277,7 +277,7 @@ def _decoder_side(root: str, seed: int, stages: list[str], recipe: dict) -> dict
     with cpu_threads(recipe.threads):
         objects, images = training_photos(seed, recipe)
         if "decoder" in stages:
-            with atomic_directory(root / "decoder", overwrite=True) as tmp:
+            with atomic_directory(root / "decoder", overwrite=True, cache=True) as tmp:
                 out["decoder"] = build_decoder(tmp, images, seed=seed, quiet=True, recipe=recipe)
         if "classifier" in stages:
             out["classifier"] = build_classifier(root / "classifier.safetensors", objects, images, seed=seed,
@@ -342,7 +342,7 @@ def _build_stages(root: Path, seed: int, quiet: bool, recipe: WorldRecipe) -> No
     try:
         if not (root / "backbone" / "config.json").is_file() or "backbone" not in stages:
             _say("world: decoder and judge train in a second process meanwhile" if side else "", quiet)
-            with atomic_directory(root / "backbone", overwrite=True) as tmp:
+            with atomic_directory(root / "backbone", overwrite=True, cache=True) as tmp:
                 info = build_backbone(tmp, objects, images, seed=seed, quiet=quiet, recipe=recipe)
             done("backbone", info)
         if side:
@@ -353,7 +353,7 @@ def _build_stages(root: Path, seed: int, quiet: bool, recipe: WorldRecipe) -> No
         if side:
             side.stop()
     if not (root / "pairs" / "captions.jsonl").is_file():
-        with atomic_directory(root / "pairs", overwrite=True) as tmp:
+        with atomic_directory(root / "pairs", overwrite=True, cache=True) as tmp:
             write_pairs(tmp, objects, images, seed=seed)
     if not (root / "align" / "connector.safetensors").is_file() or "align" not in stages:
         partial = root / "align.partial"

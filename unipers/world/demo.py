@@ -214,19 +214,25 @@ def held_out_eval(cfg, session, concept_file: Path, data: Path, out: Path) -> di
 
 # ---- the whole loop -------------------------------------------------------------------------------------
 
-def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settings: DemoSettings | None = None) -> dict:
+def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settings: DemoSettings | None = None,
+             overwrite: bool = False) -> dict:
+    """The whole loop into the folder `out`; an existing `out` is replaced only with `overwrite`, and only
+    when an earlier demo wrote it."""
+    from unipers.io import check_output
     from unipers.runtime import cpu_threads
     from unipers.world.build import RECIPE
 
+    check_output(out, overwrite=overwrite)  # before the world build, which can take minutes
     with cpu_threads(RECIPE.threads):  # the world's own thread count: the same numbers whatever the core count
-        return _run_demo(Path(out), root, settings or DemoSettings())
+        return _run_demo(Path(out), root, settings or DemoSettings(), overwrite)
 
 
-def _run_demo(out: Path, root: str | Path | None, s: DemoSettings) -> dict:
+def _run_demo(out: Path, root: str | Path | None, s: DemoSettings, overwrite: bool) -> dict:
     import torch
 
     from unipers.config import to_yaml
     from unipers.inference.session import InferenceSession
+    from unipers.io import check_output, mark_output
     from unipers.training.run import train
     from unipers.world.build import build_world, demo_object, world_root
     from unipers.runtime import cpu_description
@@ -238,9 +244,11 @@ def _run_demo(out: Path, root: str | Path | None, s: DemoSettings) -> dict:
     _say("[1/7] tiny world base: build or reuse", s.quiet)
     root = build_world(root, quiet=s.quiet)
     t["base"] = time.perf_counter() - t0
-    if out.exists():
+    check_output(out, overwrite=overwrite)
+    if out.exists():  # an earlier demo's folder (check_output refuses any other)
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    mark_output(out, "demo")
 
     t1 = time.perf_counter()
     _say(f"[2/7] photos of a never-seen {demo_object()} and its negatives -> prepare", s.quiet)
@@ -345,7 +353,8 @@ def format_report(r: dict) -> str:
 # ---- command line ---------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="demo", help="output folder (replaced if it exists; default ./demo)")
+    parser.add_argument("--out", default="demo", help="output folder (default ./demo)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when an earlier demo wrote it")
     parser.add_argument("--root", default=None, help="tiny world folder (default $UNIPERS_WORLD_DIR, else $UNIPERS_HOME/world)")
     parser.add_argument("--steps", type=int, default=DemoSettings.steps, help="personalization steps")
     parser.add_argument("--batch-size", type=int, default=DemoSettings.batch_size, help="personalization batch")
@@ -355,7 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     settings = DemoSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed, quiet=args.quiet)
-    run_demo(args.out, root=args.root, settings=settings)
+    run_demo(args.out, root=args.root, settings=settings, overwrite=args.overwrite)
     print((Path(args.out) / "report.md").read_text())
     print(f"written to {Path(args.out).absolute()}")
     return 0

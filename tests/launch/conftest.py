@@ -1,4 +1,5 @@
-"""Fixtures for the Slurm tests: a live cluster (or a skip), the jobs' environment, a third concept.
+"""Fixtures for the Slurm tests: a live cluster (or a skip), the jobs' environment, a third concept, and for
+the tests without a cluster: concept folders that pass the submit check, a fake `sbatch`, metric models.
 
 Start the single-node test cluster with ``bash scripts/start_test_slurm.sh`` (root); without it the
 tests marked ``slurm`` skip and the rendering tests still run."""
@@ -55,3 +56,36 @@ def three_concepts(prepared_concepts, tmp_path_factory):
         im.paste((20 * i, 255 - i * 30, 128), (10 + 5 * i, 20, 50 + 5 * i, 70))
         im.save(root / "photos" / f"p{i}.png")
     return [*prepared_concepts, prepare_concept(root / "photos", "kit", root / "kit", class_word="bird")]
+
+
+@pytest.fixture
+def fake_concepts(tmp_path):
+    """Five folders that pass the submit-time check (a manifest.jsonl each); nothing trains on them."""
+    folders = []
+    for name in "abcde":
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "manifest.jsonl").write_text("")
+        folders.append(str(tmp_path / "data" / name))
+    return folders
+
+
+@pytest.fixture
+def fake_bin(tmp_path):
+    """A PATH folder whose `sbatch` records each call and prints job id 4242 (no squeue, no sacct)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.calls\necho 4242\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    return bin_dir
+
+
+@pytest.fixture
+def metric_models(tmp_path):
+    """Overrides naming a CLIP and a DINO folder that pass the submit check (a config.json each); no job
+    loads them."""
+    out = []
+    for key in ("clip", "dino"):
+        (tmp_path / "models" / key).mkdir(parents=True)
+        (tmp_path / "models" / key / "config.json").write_text("{}")
+        out.append(f"eval.{key}_path={tmp_path / 'models' / key}")
+    return out

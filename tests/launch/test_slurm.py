@@ -21,27 +21,6 @@ PERSONALIZE = CONFIGS / "personalize.yaml"
 LOCAL, CLUSTER = CONFIGS / "slurm" / "local.yaml", CONFIGS / "slurm" / "cluster.yaml"
 
 
-@pytest.fixture
-def fake_concepts(tmp_path):
-    """Five folders that pass the submit-time check (a manifest.jsonl each); nothing trains on them."""
-    folders = []
-    for name in "abcde":
-        (tmp_path / "data" / name).mkdir(parents=True)
-        (tmp_path / "data" / name / "manifest.jsonl").write_text("")
-        folders.append(str(tmp_path / "data" / name))
-    return folders
-
-
-@pytest.fixture
-def fake_bin(tmp_path):
-    """A PATH folder whose `sbatch` records each call and prints job id 4242 (no squeue, no sacct)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/sbatch.calls\necho 4242\n')
-    (bin_dir / "sbatch").chmod(0o755)
-    return bin_dir
-
-
 def sbatch_lines(script: str) -> list[str]:
     return [line[len("#SBATCH "):] for line in script.splitlines() if line.startswith("#SBATCH ")]
 
@@ -102,12 +81,13 @@ def test_array_of_five_concepts_two_per_task(fake_concepts, tmp_path, fake_bin):
     assert sorted(c for s in seen for c in s) == sorted(fake_concepts)  # each exactly once
 
 
-def test_dry_run_prints_and_queues_nothing(fake_concepts, tmp_path, fake_bin):
+def test_dry_run_prints_and_queues_nothing(fake_concepts, metric_models, tmp_path, fake_bin):
     env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}")
     out = slurm_cli("submit", PERSONALIZE, LOCAL, "--concepts", ",".join(fake_concepts), f"run_dir={tmp_path / 'run'}",
-                    "--eval", "--dry-run", env=env)
+                    *metric_models, "--eval", "--dry-run", env=env)
     assert out.returncode == 0, out.stderr
     assert "#SBATCH --array=0-4%2" in out.stdout and "unipers.cli eval" in out.stdout
+    assert "--no-generation" not in out.stdout  # the metric models are there: the full eval runs
     assert not (tmp_path / "run").exists() and not (tmp_path / "sbatch.calls").exists()
 
 

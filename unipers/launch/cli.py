@@ -2,7 +2,7 @@
 
     unipers slurm submit configs/personalize.yaml configs/slurm/cluster.yaml --concepts data/bo,data/mam \\
         run_dir=runs/arr
-    unipers slurm submit configs/personalize.yaml --concepts concepts.txt --eval --dry-run   # print, queue nothing
+    unipers slurm submit configs/personalize.yaml --concepts concepts.txt --eval --no-generation --dry-run
     unipers slurm status runs/arr
     unipers slurm collect runs/arr
 
@@ -35,7 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--concepts", metavar="LIST",
                    help="a job array over concepts: comma-separated folders, or a file with one per line "
                         "(slurm.concepts_per_task per task, slurm.max_parallel at once)")
-    p.add_argument("--eval", action="store_true", help="after training, run `unipers eval` in each task")
+    p.add_argument("--eval", action="store_true",
+                   help="after training, run `unipers eval` in each task (needs eval.clip_path and eval.dino_path "
+                        "for the generation metrics, or --no-generation)")
+    p.add_argument("--no-generation", action="store_true",
+                   help="with --eval: skip image generation and CLIP-I / CLIP-T / DINO (no metric models needed)")
     p.add_argument("--dry-run", action="store_true", help="check the config and print the sbatch file; queue nothing")
     for name, help_text in (("status", "the job's and its array tasks' states"),
                             ("collect", "gather concept files and eval results into RUN/collect.{json,md}")):
@@ -50,7 +54,7 @@ def _submit(args: argparse.Namespace) -> int:
     files, overrides = split_config_args(args.inputs)
     try:
         concepts = read_concepts(args.concepts) if args.concepts else None
-        job = plan(files, overrides, concepts=concepts, evaluate=args.eval)
+        job = plan(files, overrides, concepts=concepts, evaluate=args.eval, generation=not args.no_generation)
     except ConfigError as err:
         print(f"unipers slurm submit: {err}", file=sys.stderr)
         return 2
@@ -60,6 +64,9 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     try:
         job_id = submit(job)
+    except ConfigError as err:
+        print(f"unipers slurm submit: {err}", file=sys.stderr)
+        return 2
     except (FileExistsError, RuntimeError) as err:
         print(f"unipers slurm submit: {err}", file=sys.stderr)
         return 1

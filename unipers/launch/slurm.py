@@ -11,6 +11,8 @@ so editing the checkout cannot change a queued job), ``tasks.json``, ``submit.js
 
 Requeue: ``--signal=USR1@90`` (no ``B:``) reaches the training tasks, which save ``last.ckpt`` at the end
 of the step and requeue the job (``SlurmRequeue``); every start passes ``ckpt_path=last``.
+
+Every value written into the script is shell-quoted or checked against a strict pattern (``checks.py``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from unipers.config import ConfigError, load_config, to_yaml
+from unipers.launch import checks
 
 SBATCH, CONFIG, TASKS, SUBMIT, CODE, LOGS = "slurm.sbatch", "config.yaml", "tasks.json", "submit.json", "code", "logs"
 OUTPUTS = {"personalize": "concepts/last.safetensors", "align": "connector.safetensors"}
-TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
 
 
 @dataclass
@@ -82,8 +84,10 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 def _check_inputs(cfg) -> None:
     """What would fail in the job (Slurm values, ckpt_path, every path it reads) fails now, naming the key."""
     s = cfg.slurm
-    if not TIME_RE.match(s.time):
-        raise ConfigError(f"slurm.time={s.time!r} is not a Slurm time (MM, HH:MM:SS or D-HH:MM:SS)")
+    checks.check_run_dir(cfg.run_dir)
+    checks.check_time(s.time)
+    checks.check_names(s)
+    checks.extra_directives(s)
     for key in ("cpus_per_task", "max_parallel", "gpus_per_node", "concepts_per_task"):
         value = getattr(s, key)
         if value is not None and value < (0 if key == "gpus_per_node" else 1):
@@ -124,13 +128,16 @@ def _check_inputs(cfg) -> None:
 
 
 def plan(files: Sequence[str | Path], overrides: Sequence[str] = (), concepts: Optional[Sequence[str]] = None,
-         evaluate: bool = False) -> SlurmJob:
-    """Load and check the config, make its paths absolute, split the concepts, render the sbatch file."""
+         evaluate: bool = False, generation: bool = True) -> SlurmJob:
+    """Load and check the config, make its paths absolute, split the concepts, render the sbatch file and
+    check that bash parses it. `generation=False`: ``--eval`` without the generation metrics."""
     cfg = load_config(list(files), list(overrides))
     if concepts is not None and cfg.stage != "personalize":
         raise ConfigError(f"--concepts makes a personalize array; stage={cfg.stage} takes data.pairs")
     if evaluate and cfg.stage != "personalize":
         raise ConfigError(f"--eval evaluates concept files; stage={cfg.stage} writes none")
+    if not generation and not evaluate:
+        raise ConfigError("--no-generation applies to --eval: add --eval, or drop --no-generation")
     if concepts is not None:
         cfg.data.concepts = list(concepts)
     cfg.run_dir = _absolute(cfg.run_dir)
@@ -142,14 +149,18 @@ def plan(files: Sequence[str | Path], overrides: Sequence[str] = (), concepts: O
     cfg.connector.path = _absolute(cfg.connector.path)
     cfg.eval.clip_path, cfg.eval.dino_path = _absolute(cfg.eval.clip_path), _absolute(cfg.eval.dino_path)
     _check_inputs(cfg)
+    if evaluate:
+        checks.check_eval(cfg, generation)
     tasks = split_tasks(cfg.data.concepts, cfg.slurm.concepts_per_task) if concepts is not None else []
     job = SlurmJob(cfg=cfg, run_dir=Path(cfg.run_dir), tasks=tasks)
-    job.script = render(job, evaluate=evaluate)
+    job.script = render(job, evaluate=evaluate, generation=generation)
+    checks.check_parses(job.script, str(job.run_dir / SBATCH))
     return job
 
 
 def directives(cfg, run_dir: Path, n_tasks: int) -> list[str]:
-    """The ``#SBATCH`` options, in the order a reader looks for them."""
+    """The ``#SBATCH`` options, in the order a reader looks for them, each one sbatch argument (quoted where
+    it must be; the values were checked by `checks`)."""
     s, t = cfg.slurm, cfg.trainer
     # accelerator=auto asks for GPUs too: on a CPU partition sbatch refuses loudly, instead of a silent CPU run.
     gpus = s.gpus_per_node if s.gpus_per_node is not None else (0 if t.accelerator == "cpu" else t.devices)
@@ -165,12 +176,13 @@ def directives(cfg, run_dir: Path, n_tasks: int) -> list[str]:
     for key in ("partition", "account", "qos", "constraint"):
         if getattr(s, key):
             out.append(f"--{key}={getattr(s, key)}")
-    out += [f"--output={run_dir / LOGS}/%x-{'%A_%a' if array else '%j'}.out", "--open-mode=append", "--export=ALL"]
+    log = checks.output_pattern(run_dir / LOGS, f"%x-{'%A_%a' if array else '%j'}.out")
+    out += [checks.sbatch_word(f"--output={log}"), "--open-mode=append", "--export=ALL"]
     # USR1 without B: goes to the training tasks, not the batch shell (docs/slurm.md).
     out += ["--signal=USR1@90", "--requeue"] if s.requeue else ["--no-requeue"]
     if array:
         out.append(f"--array=0-{n_tasks - 1}" + (f"%{s.max_parallel}" if s.max_parallel else ""))
-    out += [e if e.startswith("-") else f"--{e}" for e in s.extra]
+    out += checks.extra_directives(s)
     return out
 
 
@@ -178,13 +190,13 @@ def _concepts_override(folders: Sequence[str]) -> str:
     return "data.concepts=[" + ",".join(json.dumps(f) for f in folders) + "]"
 
 
-def render(job: SlurmJob, evaluate: bool = False) -> str:
+def render(job: SlurmJob, evaluate: bool = False, generation: bool = True) -> str:
     """The sbatch file: directives, setup lines, then one ``srun`` task per device running ``unipers train``."""
     from unipers import __version__
 
     cfg, run = job.cfg, job.run_dir
     q = shlex.quote
-    lines = ["#!/bin/bash", f"# unipers {__version__}: unipers slurm submit ({cfg.stage}), run folder {run}"]
+    lines = ["#!/bin/bash", f"# unipers {__version__}: unipers slurm submit ({cfg.stage}), run folder {q(str(run))}"]
     lines += [f"#SBATCH {d}" for d in directives(cfg, run, len(job.tasks))]
     lines += ["", "set -eo pipefail"]
     if cfg.slurm.setup:
@@ -209,7 +221,7 @@ def render(job: SlurmJob, evaluate: bool = False) -> str:
         lines += ['if [ -f "$OUT/concepts/last.safetensors" ]; then',
                   '  srun --nodes=1 --ntasks=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" python -m unipers.cli eval \\',
                   '    --concept "$OUT/concepts/last.safetensors" --data "${DATA[@]}" --out "$OUT/eval" \\',
-                  '    --config "$RUN/config.yaml"', "fi"]
+                  '    --config "$RUN/config.yaml"' + ("" if generation else " --no-generation"), "fi"]
     return "\n".join(lines) + "\n"
 
 
@@ -231,20 +243,78 @@ def snapshot_code(dest: Path) -> list[str]:
     return copied
 
 
-def write_run(job: SlurmJob) -> Path:
-    """Write the run folder (refusing a used one: a stale checkpoint would be resumed by the new job)."""
+def _claim(run: Path) -> list[Path]:
+    """Make the run folder, refusing a used one (a stale checkpoint would be resumed by the new job); the
+    folders this call created, outermost first: the only ones a failed submit may remove again."""
+    if run.exists() or run.is_symlink():
+        if not run.is_dir():
+            raise FileExistsError(f"run_dir {run} is not a folder")
+        if any(run.iterdir()):
+            raise FileExistsError(f"run_dir {run} is not empty: one fresh folder per Slurm run")
+        return []
+    missing, folder = [], run
+    while not (folder.exists() or folder.is_symlink()):
+        missing.append(folder)
+        folder = folder.parent
+    made: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if folder == run:
+                    raise FileExistsError(f"run_dir {run} appeared while submitting: one fresh folder per "
+                                          "Slurm run") from None
+                continue  # a parent made meanwhile by someone else: not ours to remove
+            made.append(folder)
+    except BaseException:
+        _release(run, made)
+        raise
+    return made
+
+
+def _release(run: Path, made: list[Path]) -> None:
+    """Undo a failed submit: remove the run folder only when `_claim` made it (and the parents it made, while
+    empty); in a folder that was there before, remove only the entries submit writes."""
+    if run in made:
+        shutil.rmtree(run, ignore_errors=True)
+    else:
+        for name in (LOGS, CODE, CONFIG, SBATCH, TASKS, SUBMIT):
+            entry = run / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink(missing_ok=True)
+    for folder in reversed([p for p in made if p != run]):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _write_run(job: SlurmJob) -> list[Path]:
+    """Write the run folder; the folders made for it (see `_claim`). On failure what was written is removed."""
     from unipers.io import atomic_file
 
     run = job.run_dir
-    if run.exists() and any(run.iterdir()):
-        raise FileExistsError(f"run_dir {run} is not empty: one fresh folder per Slurm run")
-    (run / LOGS).mkdir(parents=True, exist_ok=True)
-    snapshot_code(run / CODE)
-    for name, text in ((CONFIG, to_yaml(job.cfg)), (SBATCH, job.script),
-                       (TASKS, json.dumps({str(i): t for i, t in enumerate(job.tasks)}, indent=2) + "\n")):
-        with atomic_file(run / name) as tmp:
-            tmp.write_text(text)
-    return run
+    made = _claim(run)
+    try:
+        (run / LOGS).mkdir()
+        snapshot_code(run / CODE)
+        for name, text in ((CONFIG, to_yaml(job.cfg)), (SBATCH, job.script),
+                           (TASKS, json.dumps({str(i): t for i, t in enumerate(job.tasks)}, indent=2) + "\n")):
+            with atomic_file(run / name) as tmp:
+                tmp.write_text(text)
+    except BaseException:
+        _release(run, made)
+        raise
+    return made
+
+
+def write_run(job: SlurmJob) -> Path:
+    """Write the run folder (refusing a used one: a stale checkpoint would be resumed by the new job)."""
+    _write_run(job)
+    return job.run_dir
 
 
 def sbatch(script: Path) -> str:
@@ -254,16 +324,22 @@ def sbatch(script: Path) -> str:
     out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"sbatch refused {script}: {out.stderr.strip() or out.stdout.strip()}")
-    return out.stdout.strip().split(";")[0]
+    job_id = out.stdout.strip().split(";")[0]
+    if not job_id.isdigit():
+        raise RuntimeError(f"sbatch printed no job id for {script}: {out.stdout.strip()!r}")
+    return job_id
 
 
 def submit(job: SlurmJob) -> str:
-    """Write the run folder and queue it; the job id. On refusal the new folder is removed again."""
-    run = write_run(job)
+    """Write the run folder and queue it; the job id. On refusal what this call wrote is removed again, and
+    never a folder that was there before."""
+    run = job.run_dir
+    made = _write_run(job)
     try:
+        checks.check_parses((run / SBATCH).read_text(), str(run / SBATCH))
         job_id = sbatch(run / SBATCH)
     except BaseException:
-        shutil.rmtree(run, ignore_errors=True)
+        _release(run, made)
         raise
     info = {"job_id": job_id, "stage": job.cfg.stage, "array": bool(job.tasks), "tasks": len(job.tasks) or 1,
             "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv}

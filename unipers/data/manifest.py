@@ -7,7 +7,8 @@ Layout of a prepared folder (written by ``unipers prepare`` and the importers)::
 
     OUT/concept.json    name, class_word, seed, version, image lists per role, facts, skipped files,
                         duplicates, retrieval summary (or null with a reason)
-    OUT/images/         normalized RGB PNGs; every ``image`` path is relative to OUT
+    OUT/images/         normalized RGB PNGs; every ``image`` path is relative to OUT (a Yo'LLaVA import's
+                        test negatives are ``../.shared/<digest>.png``, written once beside the concepts)
     OUT/manifest.jsonl  one ``Sample`` per line (keys with a None value are left out)
     OUT/report.txt      human-readable counts
 

@@ -69,7 +69,9 @@ class ConceptInputs:
     val: list = field(default_factory=list)
     test: list = field(default_factory=list)
     test_negatives: list = field(default_factory=list)  # paths: other concepts' test photos
+    shared_test_negatives: dict = field(default_factory=dict)  # already written beside OUT: {relative path: source}
     given_negatives: list = field(default_factory=list)  # paths (e.g. Yo'LLaVA negative_example/)
+    val_negatives: list | None = None  # paths held out by an importer; None: split the negatives here
     generate_samples: bool = True  # False: only extra_samples (an importer brings its own)
     class_word: str | None = None
     facts: list = field(default_factory=list)
@@ -102,15 +104,15 @@ def prepare_concept(photos_dir: Path | str, name: str, out_dir: Path | str, *, c
 
     Raises ``PhotoError`` (naming the file or folder), ``FileExistsError`` (``out_dir`` exists and not
     ``overwrite``) or ``ValueError``; on any failure ``out_dir`` is left as it was."""
-    from unipers.data.images import load_photos
     from unipers.concepts.names import validate_name
+    from unipers.data.images import load_photos
     from unipers.data.samples import read_facts
+    from unipers.io import check_output
 
     opts = options or PrepareOptions()
     validate_name(name)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:  # fail before the slow part
-        raise FileExistsError(f"output folder already exists: {out_dir} (use --overwrite to replace it)")
+    check_output(out_dir, overwrite=overwrite, inputs=[x for x in (photos_dir, facts, negatives) if x])  # before the slow part
     photos = load_photos(photos_dir, max_side=opts.max_side, min_side=opts.min_side, skip_bad=skip_bad)
     tr, va = split_indices(len(photos.photos), val_fraction, seed, opts.min_val)
     fact_list, pairs = read_facts(facts, name) if facts else ([], [])
@@ -191,6 +193,13 @@ def generate_samples(inp: ConceptInputs, images: dict, soft: list[dict], seed: i
     return out + S.soft_positive_samples(inp.name, soft)
 
 
+def fact_samples(inp: ConceptInputs, seed: int) -> list:
+    """The facts' QA alone, for an importer that brings every other sample itself."""
+    from unipers.data import samples as S
+
+    return S.qa_samples(inp.name, inp.facts, inp.fact_pairs, random.Random(f"{seed}/samples"), source=inp.facts_source)
+
+
 def _imported_samples(extra: list, writer: _ImageWriter, issues: list[dict]) -> list:
     """Importer records point at source files: map them to the saved copies (copying new ones)."""
     out, n_extra = [], 0
@@ -220,11 +229,15 @@ def build_prepared(inp: ConceptInputs, out_dir: Path, *, seed: int, val_fraction
     found = retrieve_for_concept([p.image for p in inp.train], [p.image for p in inp.train + inp.val], negatives,
                                  clip_path, seed=seed, options=opts, out_dir=out_dir)
     neg_sources = [(Path(p), "given", None) for p in inp.given_negatives] + found.negatives
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    sources = [p.path for p in inp.train + inp.val + inp.test if getattr(p, "path", None)]
+    sources += [*inp.given_negatives, *(inp.val_negatives or []), *inp.test_negatives,
+                *inp.shared_test_negatives.values(), *([negatives] if negatives else [])]
+    with atomic_dir(out_dir, overwrite=overwrite, kind="prepared concept", inputs=sources) as tmp:
         w = _ImageWriter(tmp, opts.max_side)
         images = {role: [w.put(p.image, f"images/{role}_{i:03d}.png", p.path) for i, p in enumerate(getattr(inp, role))]
                   for role in ("train", "val", "test")}
-        images["test_negatives"] = w.copy_all(inp.test_negatives, "testneg")
+        images["test_negatives"] = w.copy_all(inp.test_negatives, "testneg") + list(inp.shared_test_negatives)
+        w.sources.update(inp.shared_test_negatives)
         negs, neg_info = [], []
         for src, kind, sim in neg_sources:
             if rel := w.copy(src, "neg", len(negs)):
@@ -234,9 +247,13 @@ def build_prepared(inp: ConceptInputs, out_dir: Path, *, seed: int, val_fraction
         for src, sim, slots in found.soft:
             if rel := w.copy(src, "soft", len(soft)):
                 soft.append({"image": rel, "similarity": sim, "gen_slots": slots})
-        images["train_negatives"], images["val_negatives"] = split_negatives(negs, bool(images["val"]), val_fraction,
-                                                                             seed)
-        samples = generate_samples(inp, images, soft, seed, opts) if inp.generate_samples else []
+        if inp.val_negatives is None:
+            images["train_negatives"], images["val_negatives"] = split_negatives(negs, bool(images["val"]),
+                                                                                 val_fraction, seed)
+        else:
+            images["train_negatives"], images["val_negatives"] = negs, w.copy_all(inp.val_negatives, "valneg")
+            neg_info += [{"image": rel, "kind": "given"} for rel in images["val_negatives"]]
+        samples = generate_samples(inp, images, soft, seed, opts) if inp.generate_samples else fact_samples(inp, seed)
         issues = list(inp.issues)
         samples += _imported_samples(inp.extra_samples, w, issues)
         concept = {

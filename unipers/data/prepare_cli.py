@@ -20,12 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("photos", nargs="?", type=Path, metavar="PHOTOS_DIR", help="folder with 3-10 photos of the concept")
     a("--name", help="concept name, written as <NAME> in all text (e.g. bo)")
     a("--class-word", help="what the concept is (dog, mug, person); used in captions")
-    a("--facts", type=Path, help="text file with one fact per line, or a JSON list of {question, answer}")
+    a("--facts", type=Path, help="text file with one fact per line, or a JSON list of {question, answer}; "
+      "write the concept as <NAME>: a bare word equal to NAME is rewritten to <NAME> too")
     a("--negatives", type=Path, metavar="POOL_DIR", help="image folder tree to draw negatives / soft positives from")
     a("--clip", type=Path, metavar="PATH", help="local CLIP folder (CLIPVisionModelWithProjection + processor)")
     a("--out", type=Path, help="output folder (default: data/NAME)")
     a("--seed", type=int, default=0)
-    a("--val-fraction", type=float, default=0.2, help="share of photos held out for validation")
+    a("--val-fraction", type=float, help="share of photos held out for validation (default 0.2; "
+      "--from-yollava: 0, its test photos are held out already)")
     a("--skip-bad", action="store_true", help="skip (and report) unreadable or too small photos instead of failing")
     a("--overwrite", action="store_true", help="replace an existing output folder")
     d = PrepareOptions()
@@ -46,10 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g("--quiet", action="store_true", help="no progress bar")
     i = p.add_argument_group("importers (see unipers/data/importers.py)").add_argument
     i("--from-yollava", type=Path, metavar="ROOT", help="Yo'LLaVA data folder; --name picks one concept (default: all)")
-    i("--visual-qa", type=Path, help="Yo'LLaVA visual QA JSON (default: ROOT/yollava-visual-qa.json)")
-    i("--text-qa", type=Path, help="Yo'LLaVA text QA JSON (default: ROOT/yollava-text-qa.json)")
+    i("--visual-qa", type=Path, nargs="+", action="extend", metavar="JSON",
+      help="more Yo'LLaVA visual QA files, read besides ROOT/yollava-visual-qa.json")
+    i("--text-qa", type=Path, nargs="+", action="extend", metavar="JSON",
+      help="more Yo'LLaVA text-only QA files, read besides ROOT/yollava-text-only-qa.json")
     i("--from-yochameleon", type=Path, nargs="+", metavar="JSON", help="Yo'Chameleon training JSON file(s)")
-    i("--image-root", type=Path, help="folder that relative --from-yochameleon image paths are resolved against")
+    i("--image-root", type=Path, help="folder --from-yochameleon images are looked up in, by their path or its "
+      "tail (default: the JSON's folder); nothing outside it is used")
 
 
 def options_from_args(a: argparse.Namespace) -> PrepareOptions:
@@ -59,34 +64,69 @@ def options_from_args(a: argparse.Namespace) -> PrepareOptions:
                           device=a.device, clip_cache=a.clip_cache, quiet=a.quiet)
 
 
+RETRIEVAL = ("negatives", "clip", "hard", "easy", "soft", "near_duplicate", "soft_range", "batch_size", "num_workers",
+             "device", "clip_cache")
+NOT_APPLICABLE = {
+    "photos": (("visual_qa", "text_qa", "image_root"), "it applies to the importers only"),
+    "--from-yollava": (("image_root",), "QA images are looked up under ROOT"),
+    "--from-yochameleon": (("visual_qa", "text_qa", *RETRIEVAL),
+                           "its JSONs bring their own negatives and questions; nothing is retrieved"),
+}
+
+
+def refuse_inapplicable(args: argparse.Namespace, source: str) -> None:
+    """An option the chosen source would ignore is an error naming it, not silently dropped."""
+    from unipers.errors import UnipersError
+
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    default = vars(defaults.parse_args([]))
+    names, why = NOT_APPLICABLE[source]
+    for dest in names:
+        if getattr(args, dest) != default[dest]:
+            flag = "--" + dest.replace("_", "-")
+            target = "a photo folder" if source == "photos" else source
+            raise UnipersError(f"{flag} does not apply to {target}: {why}")
+
+
 def main(args: argparse.Namespace) -> int:
     from unipers.data.images import PhotoError
     from unipers.data.importers import import_yochameleon, import_yollava
+    from unipers.errors import UnipersError
 
     opts = options_from_args(args)
     sources = [x for x in (args.photos, args.from_yollava, args.from_yochameleon) if x]
     try:
         if len(sources) != 1:
             raise ValueError("give exactly one of PHOTOS_DIR, --from-yollava, --from-yochameleon")
+        source = "--from-yollava" if args.from_yollava else "--from-yochameleon" if args.from_yochameleon else "photos"
+        refuse_inapplicable(args, source)
         if args.from_yollava:
             outs = import_yollava(args.from_yollava, args.out or Path("data/yollava"),
                                   concepts=[args.name] if args.name else None, visual_qa=args.visual_qa,
-                                  text_qa=args.text_qa, seed=args.seed, negatives=args.negatives, clip_path=args.clip,
-                                  skip_bad=args.skip_bad, overwrite=args.overwrite, options=opts)
+                                  text_qa=args.text_qa, class_word=args.class_word, facts=args.facts,
+                                  seed=args.seed, val_fraction=0.0 if args.val_fraction is None else args.val_fraction,
+                                  negatives=args.negatives, clip_path=args.clip, skip_bad=args.skip_bad,
+                                  overwrite=args.overwrite, options=opts)
         else:
             if not args.name:
                 raise ValueError("--name is required")
             out = args.out or Path("data") / args.name
+            val_fraction = 0.2 if args.val_fraction is None else args.val_fraction
             if args.from_yochameleon:
                 outs = [import_yochameleon(args.from_yochameleon, args.name, out, image_root=args.image_root,
-                                           seed=args.seed, overwrite=args.overwrite)]
+                                           class_word=args.class_word, facts=args.facts, seed=args.seed,
+                                           val_fraction=val_fraction, skip_bad=args.skip_bad,
+                                           overwrite=args.overwrite, options=opts)]
             else:
                 outs = [prepare_concept(args.photos, args.name, out, class_word=args.class_word, facts=args.facts,
                                         negatives=args.negatives, clip_path=args.clip, seed=args.seed,
-                                        val_fraction=args.val_fraction, skip_bad=args.skip_bad,
+                                        val_fraction=val_fraction, skip_bad=args.skip_bad,
                                         overwrite=args.overwrite, options=opts)]
-    except (PhotoError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"unipers prepare: error: {e}", file=sys.stderr)
+    except (UnipersError, PhotoError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        for line in getattr(e, "details", ()):  # every record an import could not use, then the one-line error
+            print(line, file=sys.stderr)
+        print(f"unipers prepare: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     for out in outs:
         print((out / "report.txt").read_text(encoding="utf-8"), end="")

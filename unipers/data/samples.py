@@ -141,8 +141,12 @@ def read_facts(path: Path | str, name: str) -> tuple[list[str], list[dict]]:
     """(facts, question/answer pairs) from a facts file.
 
     ``.json``: a list of ``{"question", "answer"}`` (``Human`` / ``AI`` keys are accepted too).
-    Anything else: one fact per line; blank lines and ``#`` comments are skipped; a bare ``bo`` is
-    rewritten to ``<bo>``."""
+    Anything else: one fact per line; blank lines and ``#`` comments are skipped. In both, a bare word
+    equal to ``name`` is rewritten to ``<name>`` (documented in docs/prepare.md and ``--facts --help``)."""
+    # The bare-name rewrite stays: a facts file is about this one concept, people write "bo likes
+    # balls." for it, and without the rewrite such a fact would silently teach the plain word "bo" instead
+    # of the concept. Its cost, a concept named after an ordinary word ("dragon") cannot use that word in
+    # its facts, is stated in the docs together with the way out (another name, or rephrasing).
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"facts file not found: {path}")

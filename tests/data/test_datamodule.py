@@ -91,6 +91,118 @@ def test_image_features_are_cached_on_disk_and_reused(prepared, model, monkeypat
     datamodule(prepared, model)  # a second run reads the caches
 
 
+def copy_concept(prepared, tmp_path):
+    """A private copy of a prepared folder, without its caches: tests below change its photos."""
+    import shutil
+
+    return shutil.copytree(prepared, tmp_path / prepared.name, ignore=shutil.ignore_patterns("cache"))
+
+
+def count_encodes(model, monkeypatch) -> collections.Counter:
+    """Rows each frozen encoder encodes from now on: {"backbone": n, "decoder": n}."""
+    counts = collections.Counter()
+    for name, part in (("backbone", model.backbone), ("decoder", model.decoder)):
+        def spy(pixels, *a, _real=part.encode_images, _name=name, **k):
+            counts[_name] += len(pixels)
+            return _real(pixels, *a, **k)
+
+        monkeypatch.setattr(part, "encode_images", spy)
+    return counts
+
+
+def stored(folder, kind):
+    from safetensors.torch import load_file
+
+    return load_file(str(next((folder / "cache").glob(f"{kind}-*.safetensors"))))
+
+
+def test_a_photo_replaced_under_its_name_is_encoded_again_and_only_it(prepared, model, monkeypatch, tmp_path):
+    from unipers.data.collate import _decoder_pixels, _load_rgb
+    from unipers.errors import UnipersError
+
+    bo = copy_concept(prepared[0], tmp_path)
+    datamodule([bo], model)
+    before = {kind: stored(bo, kind) for kind in ("image_tokens", "latents")}
+    photo, rel = bo / "images" / "train_001.png", "images/train_001.png"
+    assert all(rel in entries for entries in before.values())
+    with Image.open(photo) as im:
+        size = im.size
+    Image.new("RGB", size, (10, 200, 30)).save(photo)  # same path, other bytes
+    counts = count_encodes(model, monkeypatch)
+    dm = datamodule([bo], model)
+    assert counts == {"backbone": 1, "decoder": 1}  # that photo only, once per cache
+    after = {kind: stored(bo, kind) for kind in before}
+    for kind, entries in after.items():
+        assert entries.keys() == before[kind].keys()
+        assert all(entries[k].equal(before[kind][k]) for k in entries if k != rel)  # the others are kept as is
+    assert not after["latents"][rel].equal(before["latents"][rel])
+    bb, dec = model.backbone, model.decoder
+    pixels = bb.processor.image_processor(images=[_load_rgb(str(photo))], return_tensors="pt").pixel_values
+    assert dm.collator.image_tokens[str(photo)].equal(bb.encode_images(pixels)[0])  # the new photo's tokens
+    want = dec.encode_images(_decoder_pixels(str(photo), dec.image_size)[None])[0]
+    assert after["latents"][rel].allclose(want, atol=1e-5) and dm.collator.latents[str(photo)].allclose(want, atol=1e-5)
+    seen = dict(counts)
+    datamodule([bo], model)
+    assert counts == seen  # a third run encodes nothing
+
+    photo.write_bytes(b"not a png")  # a photo corrupted on disk: one line naming it, not a stale entry
+    with pytest.raises(UnipersError, match="train_001.png: cannot read image"):
+        datamodule([bo], model)
+
+
+def nan_entry(file):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), "pt") as f:
+        meta, entries = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    entries[next(iter(entries))][..., 0] = float("nan")
+    save_file(entries, str(file), metadata=meta)
+
+
+def foreign_keys(file):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(file), "pt") as f:
+        meta, entries = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    info = json.loads(meta["unipers.feature_cache"])
+    info["sources"]["images/elsewhere.png"] = info["sources"].pop(next(iter(entries)))
+    save_file(entries, str(file), metadata={"unipers.feature_cache": json.dumps(info)})
+
+
+def path_keyed(file):  # the layout written before entries carried their photo's hash
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(file)), str(file))
+
+
+CORRUPTIONS = {
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+    "garbage": lambda f: f.write_bytes(b"\x00" * 64),
+    "nan entry": nan_entry,
+    "foreign keys": foreign_keys,
+    "older format": path_keyed,
+}
+
+
+@pytest.mark.parametrize("corrupt", list(CORRUPTIONS))
+def test_a_cache_file_that_fails_its_checks_is_rebuilt(prepared, model, monkeypatch, tmp_path, caplog, corrupt):
+    bo = copy_concept(prepared[0], tmp_path)
+    first = datamodule([bo], model).collator.latents
+    file = next((bo / "cache").glob("latents-*.safetensors"))
+    CORRUPTIONS[corrupt](file)
+    counts = count_encodes(model, monkeypatch)
+    again = datamodule([bo], model).collator.latents
+    assert counts == {"decoder": len(first)}  # every latent again; the image-token file was fine
+    assert "rebuilding it" in caplog.text and file.name in caplog.text
+    assert again.keys() == first.keys() and all(again[k].allclose(first[k], atol=1e-5) for k in first)
+    datamodule([bo], model)
+    assert counts == {"decoder": len(first)}  # the rebuilt file is trusted
+
+
 def test_seeded_and_deterministic(prepared, model):
     def first_batches(seed):
         dm = datamodule(prepared, model, seed=seed)

@@ -160,6 +160,47 @@ def test_cached_latents_stand_in_for_the_images(model, align_pairs, tmp_path):
         build_align_data("shards", align_pairs["shards"], image_size=SIZE, batch_size=2, latents=latents)
 
 
+def test_latent_cache_fills_in_batches_and_keeps_what_an_interrupted_encode_finished(model, align_pairs, tmp_path,
+                                                                                      monkeypatch):
+    """``data.cache_batch_size`` images per VAE batch, the file saved as it fills: a killed encode resumes
+    where it stopped, and gives what an uninterrupted one gives."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from unipers.config import ConfigError
+    from unipers.data import collate
+
+    folder = shutil.copytree(align_pairs["folder"], tmp_path / "pairs")
+    paths = CaptionFolderDataset(folder, folder / "captions.jsonl", SIZE).image_paths
+    real, batches = model.decoder.encode_images, []
+
+    def spy(pixels):
+        batches.append(len(pixels))
+        if len(batches) == 3:
+            raise KeyboardInterrupt  # killed during the third batch
+        return real(pixels)
+
+    monkeypatch.setattr(collate, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(model.decoder, "encode_images", spy)
+    with pytest.raises(KeyboardInterrupt):
+        collate.latent_cache(model, paths, root=folder, batch_size=4)
+    file = folder / "cache" / f"latents-{model.decoder_fingerprint}.safetensors"
+    assert batches == [4, 4, 4] and len(load_file(str(file))) == 8  # the two finished batches
+    batches.clear()
+    latents = collate.latent_cache(model, paths, root=folder, batch_size=4)
+    assert batches == [4]  # only the batch that was lost
+    monkeypatch.setattr(model.decoder, "encode_images", real)
+    again = shutil.copytree(align_pairs["folder"], tmp_path / "again")
+    twin = {p: str(again / Path(p).relative_to(folder)) for p in paths}
+    whole = collate.latent_cache(model, list(twin.values()), root=again)  # one uninterrupted encode
+    assert [latents[p].allclose(whole[twin[p]], atol=1e-5) for p in paths] == [True] * 12
+    assert load_config([], ["data.cache_batch_size=8"]).data.cache_batch_size == 8
+    with pytest.raises(ConfigError, match="data.cache_batch_size"):
+        load_config([], ["data.cache_batch_size=0"])
+
+
 # ---- training -------------------------------------------------------------------------------------------
 def test_align_trains_only_the_connector_and_checkpoints_only_it(model, align_pairs, tmp_path):
     backbone = {k: v.clone() for k, v in model.backbone.model.state_dict().items()}

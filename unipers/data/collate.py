@@ -7,14 +7,19 @@ A batch is a dict with up to two parts, each padded only to its own longest sequ
     "img": ids, attention_mask, labels (the target's VQ tokens)                -> AR image-token loss
 
 Images are never decoded per step: image tokens (VQ) and decoder latents are computed once per image and
-model fingerprint, and stored beside the prepared folder (``cache/``), so later runs reuse them.
+model fingerprint, and stored beside the prepared folder (``cache/``), so later runs reuse them; each
+entry is keyed by its photo's content (sha256), so a photo replaced under the same name is encoded again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +28,10 @@ from unipers.concepts.prompts import IGNORE_INDEX, IMAGE_MARKER, Encoded, Prompt
 from unipers.concepts.recognition import recognition_layout
 from unipers.data.augment import ViewSpec, augment_view, split_view_key, view_key
 from unipers.data.manifest import Sample
+from unipers.errors import UnipersError
 from unipers.models.padding import pad_batch
+
+log = logging.getLogger(__name__)
 
 UNDERSTANDING_TASKS = ("recognition", "qa", "vqa", "caption")
 
@@ -124,13 +132,29 @@ class Collator:
 
 
 # ---- feature caches ------------------------------------------------------------------------------------
+CACHE_FORMAT = 2
+"""Layout of the cache files. A file of another layout, such as the path-keyed files written before
+entries carried their photo's hash, is rebuilt, not read."""
+SAVE_EVERY_S = 60.0
+"""While a cache fills, save it after this many seconds of encoding (at least 10x the last save's time,
+so rewriting a large file stays under a tenth of the work): an interrupted encode keeps what it did."""
+_META = "unipers.feature_cache"
+
+
+class _Invalid(Exception):
+    """A cache file that cannot be trusted (the message says why): it is rebuilt."""
+
+
 def _load_rgb(path: str):
     """An image by feature key: a plain path, or a view key (an augmented view of that path)."""
     from PIL import Image
 
     file, spec, view = split_view_key(path)
-    with Image.open(file) as im:
-        img = im.convert("RGB")
+    try:
+        with Image.open(file) as im:
+            img = im.convert("RGB")
+    except OSError as err:  # PIL's "cannot identify image file" is an OSError too
+        raise UnipersError(f"{file}: cannot read image ({err})") from err
     if spec is None:
         return img
     # seeded by the image's place in its prepared folder, not the absolute path: same views on every machine
@@ -145,18 +169,106 @@ def _decoder_pixels(path: str, size: int) -> Tensor:
     return TF.to_tensor(im) * 2 - 1
 
 
+def file_digests(files: Iterable[str]) -> dict[str, str | None]:
+    """sha256 of each file's bytes; None for a file that is gone (then only a stored entry can answer).
+    Hashing costs 1-3% of decoding the same photo (benchmarks/bench_cache_keys.py)."""
+    out: dict[str, str | None] = {}
+    for file in dict.fromkeys(files):
+        h = hashlib.sha256()
+        try:
+            with open(file, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except FileNotFoundError:
+            out[file] = None
+            continue
+        except OSError as err:
+            raise UnipersError(f"{file}: cannot read image ({err.strerror or err})") from err
+        out[file] = h.hexdigest()
+    return out
+
+
+def _read_cache(file: Path, kind: str, fingerprint: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(entries, their photos' digests) of a valid cache file; empty when there is none or it is invalid."""
+    if not file.is_file():
+        return {}, {}
+    try:
+        return _checked(file, kind, fingerprint)
+    except Exception as err:  # whatever is wrong with the file (truncated, foreign, stale), it is rebuilt
+        log.warning("%s: %s; rebuilding it", file, str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return {}, {}
+
+
+def _checked(file: Path, kind: str, fingerprint: str) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get(_META, "null"))
+        if not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT:
+            raise _Invalid(f"not a format-{CACHE_FORMAT} feature cache")
+        if (meta.get("kind"), meta.get("fingerprint")) != (kind, fingerprint):
+            raise _Invalid(f"written for {meta.get('kind')}-{meta.get('fingerprint')}")
+        digests, names = meta.get("sources"), set(f.keys())
+        if not isinstance(digests, dict) or set(digests) != names:
+            raise _Invalid("its entries and their photo hashes do not match")
+        entries = {k: f.get_tensor(k) for k in names}
+    for key, t in entries.items():
+        if list(t.shape) != meta.get("shape") or str(t.dtype) != meta.get("dtype"):
+            want = f"{meta.get('dtype')}{meta.get('shape')}"
+            raise _Invalid(f"entry {key} is {t.dtype}{list(t.shape)}, not {want}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise _Invalid(f"entry {key} is not finite")
+    return entries, digests
+
+
+def _write_cache(file: Path, kind: str, fingerprint: str, entries: dict[str, Tensor],
+                 digests: dict[str, str]) -> None:
+    from unipers.io import save_safetensors_atomic
+
+    first = next(iter(entries.values()))
+    meta = {"format": CACHE_FORMAT, "kind": kind, "fingerprint": fingerprint, "shape": list(first.shape),
+            "dtype": str(first.dtype), "sources": digests}
+    save_safetensors_atomic(entries, file, metadata={_META: json.dumps(meta, sort_keys=True)})
+
+
+def _fill(file: Path, kind: str, fingerprint: str, compute, todo: Sequence[str], rel: Mapping[str, str],
+          sums: Mapping[str, str | None], entries: dict[str, Tensor], digests: dict[str, str],
+          batch_size: int) -> None:
+    """Encode `todo` into `entries` batch by batch, saving the file on the way and at the end."""
+    like = next(iter(entries.values()), None)
+    last, every = time.monotonic(), SAVE_EVERY_S
+    for i in range(0, len(todo), batch_size):
+        chunk = todo[i:i + batch_size]
+        with torch.no_grad():
+            feats = compute(chunk).cpu()
+        if feats.is_floating_point() and not (ok := torch.isfinite(feats.flatten(1)).all(1)).all():
+            raise RuntimeError(f"{kind}: the encoder gave non-finite values for {chunk[int((~ok).nonzero()[0])]}")
+        if like is not None and (feats.shape[1:] != like.shape or feats.dtype != like.dtype):
+            raise _Invalid(f"its entries are {like.dtype}{list(like.shape)}, the encoder gives "
+                           f"{feats.dtype}{list(feats.shape[1:])}")
+        like = feats[0]
+        for k, f in zip(chunk, feats):
+            entries[rel[k]], digests[rel[k]] = f.contiguous(), sums[split_view_key(k)[0]]
+        if i + batch_size < len(todo) and time.monotonic() - last >= every:
+            t = time.monotonic()
+            _write_cache(file, kind, fingerprint, entries, digests)
+            last = time.monotonic()
+            every = max(SAVE_EVERY_S, 10 * (last - t))
+    if todo:
+        _write_cache(file, kind, fingerprint, entries, digests)
+
+
 def cached_features(keys: Sequence[str], kind: str, fingerprint: str, compute, batch_size: int = 32,
                     root: str | Path | None = None) -> dict[str, Tensor]:
-    """{image path: feature}, computed once per (image, model) and stored in ``<folder>/cache/``.
+    """{image path: feature}, computed once per (image content, model) and stored in ``<folder>/cache/``.
 
     `compute(paths) -> Tensor` runs the frozen encoder on a batch. Each prepared folder keeps its own file,
     ``cache/<kind>-<fingerprint>.safetensors``, keyed by the path relative to the folder; ``root`` puts every
-    key under one folder instead (an align pairs folder).
+    key under one folder instead (an align pairs folder). Each entry carries the sha256 of its photo's
+    bytes: a photo replaced under the same name is encoded again, the others are read. A photo that is
+    gone is answered from the file. A file that fails its checks (layout, keys, shapes, dtype, finite
+    values) is rebuilt with a warning.
     """
-    from safetensors.torch import load_file
-
-    from unipers.io import save_safetensors_atomic
-
     by_root: dict[Path, list[str]] = {}
     for key in dict.fromkeys(keys):
         path = Path(key)
@@ -166,17 +278,22 @@ def cached_features(keys: Sequence[str], kind: str, fingerprint: str, compute, b
     out: dict[str, Tensor] = {}
     for folder, group in by_root.items():
         file = folder / "cache" / f"{kind}-{fingerprint}.safetensors"
-        stored = load_file(str(file)) if file.is_file() else {}
+        entries, digests = _read_cache(file, kind, fingerprint)
         rel = {k: str(Path(k).relative_to(folder)) for k in group}
-        missing = [k for k in group if rel[k] not in stored]
-        for i in range(0, len(missing), batch_size):
-            chunk = missing[i:i + batch_size]
-            with torch.no_grad():
-                feats = compute(chunk).cpu()
-            stored.update({rel[k]: f.contiguous() for k, f in zip(chunk, feats)})
-        if missing:
-            save_safetensors_atomic(stored, file)
-        out.update({k: stored[rel[k]] for k in group})
+        sums = file_digests(split_view_key(k)[0] for k in group)  # views share their photo's hash
+
+        def stale(key: str) -> bool:
+            now = sums[split_view_key(key)[0]]
+            return rel[key] not in entries or (now is not None and now != digests[rel[key]])
+
+        todo = [k for k in group if stale(k)]
+        try:
+            _fill(file, kind, fingerprint, compute, todo, rel, sums, entries, digests, batch_size)
+        except _Invalid as err:  # stored entries the encoder no longer matches
+            log.warning("%s: %s; rebuilding it", file, err)
+            entries, digests = {}, {}
+            _fill(file, kind, fingerprint, compute, group, rel, sums, entries, digests, batch_size)
+        out.update({k: entries[rel[k]] for k in group})
     return out
 
 
@@ -194,8 +311,6 @@ def image_token_cache(model, keys: Sequence[str]) -> dict[str, Tensor]:
 def description_cache(model, tokens: Mapping[str, Tensor], keys: Sequence[str]) -> dict[str, list[int]]:
     """The base's description ids of every image (`UnifiedModel.describe`), stored like the image tokens
     (padded with -1), keyed by the base and the describe question."""
-    import hashlib
-
     p = model.prompts
     width = p.describe_tokens
 
@@ -208,13 +323,14 @@ def description_cache(model, tokens: Mapping[str, Tensor], keys: Sequence[str]) 
     return {k: [t for t in v.tolist() if t >= 0] for k, v in stored.items()}
 
 
-def latent_cache(model, keys: Sequence[str], root: str | Path | None = None) -> dict[str, Tensor]:
+def latent_cache(model, keys: Sequence[str], root: str | Path | None = None,
+                 batch_size: int = 32) -> dict[str, Tensor]:
     """Decoder latents (VAE mean) at the decoder's resolution for every generation target (or align
-    image: ``root``, its pairs folder)."""
+    image: ``root``, its pairs folder), encoded `batch_size` images at a time."""
     dec = model.decoder
 
     def compute(paths):
         pixels = torch.stack([_decoder_pixels(p, dec.image_size) for p in paths])
         return dec.encode_images(pixels.to(dec.device, dec.dtype)).float()
 
-    return cached_features(keys, "latents", model.decoder_fingerprint, compute, root=root)
+    return cached_features(keys, "latents", model.decoder_fingerprint, compute, batch_size, root=root)

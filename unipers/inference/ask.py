@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from unipers.inference.common import add_common_arguments, fail, open_session
+from unipers.inference.common import add_common_arguments, add_option, fail, open_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,10 +16,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--image", action="append", default=[], help="image file(s) the question is about")
     parser.add_argument("--chat", action="store_true", help="multi-turn session on the terminal (empty line ends)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_option(parser, "max_new_tokens", 128, "most tokens in an answer")
+    add_option(parser, "temperature", 0.0, "0 = greedy, else nucleus sampling")
+    add_option(parser, "top_p", 1.0, "nucleus sampling keeps the likeliest tokens up to this mass")
+    add_option(parser, "seed", 0, "seeds the sampling")
 
 
 def main(args: argparse.Namespace) -> int:

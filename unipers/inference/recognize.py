@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import argparse
 
-from unipers.inference.common import add_common_arguments, fail, open_session
+from unipers.inference.common import add_common_arguments, add_option, fail, open_session
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, concepts_required=True)
     parser.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     parser.add_argument("--name", default=None, help="which concept, when the files hold several")
-    parser.add_argument("--threshold", type=float, default=0.5)
+    add_option(parser, "threshold", 0.5, "the verdict is yes from this P(yes) up")
 
 
 def main(args: argparse.Namespace) -> int:

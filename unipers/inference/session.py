@@ -13,7 +13,8 @@
 
 Every input is checked before any work: a concept the prompt names but no file provides (the message
 lists the loaded ones), a concept file made for another base, an unreadable image (named), a prompt
-longer than the model's context.
+longer than the model's context, a number out of its range (``common.OPTION_RANGES``, the same ranges the
+commands' flags have; the message names the argument).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
@@ -30,7 +30,8 @@ from torch import Tensor
 from unipers.concepts.names import MARKER_PATTERN
 from unipers.concepts.prompts import IMAGE_MARKER, PromptError
 from unipers.concepts.recognition import recognition_layout
-from unipers.errors import UnipersError
+from unipers.inference.common import InputError, check_option
+from unipers.inference.output import save_images
 from unipers.models.padding import pad_batch
 from unipers.models.unified import UnifiedModel
 
@@ -38,8 +39,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
 
-class InputError(UnipersError, ValueError):
-    """Bad input to ask / recognize / generate; the message names the file or the problem."""
+__all__ = ["GenerationOutput", "GenerationSettings", "InferenceSession", "InputError", "save_images"]
 
 
 @dataclass
@@ -154,6 +154,15 @@ class InferenceSession:
         except PromptError as err:
             raise InputError(str(err)) from err
 
+    def _check_generation(self, *, size: Optional[int], **options) -> None:
+        for name, value in options.items():
+            check_option(name, value)
+        if size is not None:
+            check_option("size", size)
+            scale = self.model.decoder.vae_scale_factor
+            if size % scale:
+                raise InputError(f"size must be a multiple of {scale}, the decoder's VAE downsampling; got {size}")
+
     # ---- understanding ----------------------------------------------------------------------------------
     @torch.no_grad()
     def ask(self, question: str, images: Sequence[str | os.PathLike] = (), *, history: Sequence[tuple[str, str]] = (),
@@ -163,6 +172,9 @@ class InferenceSession:
 
         ``described``: ask about one image as `recognize` does with ``backbone.describe_first``, after the
         base's own description of it (the question then holds no placeholder)."""
+        for name, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature), ("top_p", top_p),
+                            ("seed", seed)):
+            check_option(name, value)
         self._check_prompt(question)
         tokens = self.image_tokens(images)
         if described:
@@ -238,6 +250,7 @@ class InferenceSession:
         """`num_images` images for every prompt (``.images``: PIL; ``.tensors``: (N, 3, H, W) in [0, 1];
         ``.settings``); image i of a prompt uses seed + i, so a batch of prompts gives the same images as one
         call per prompt."""
+        self._check_generation(num_images=num_images, steps=steps, guidance=guidance, size=size, seed=seed)
         for text in (*prompts, negative):
             self._check_prompt(text)
         texts = [p for p in prompts for _ in range(num_images)]
@@ -252,29 +265,3 @@ class InferenceSession:
                     for t, s in zip(texts, seeds)]
         return GenerationOutput(images, settings)
 
-
-def save_images(output: GenerationOutput, out_dir: str | os.PathLike, fingerprints: dict[str, str]) -> list[Path]:
-    """PNG + JSON sidecar per image, and grid.png; each file appears whole (atomic) or not at all."""
-    import json
-    import re
-
-    from torchvision.utils import make_grid, save_image
-
-    from unipers import __version__
-    from unipers.io import atomic_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for image, s in zip(output.tensors, output.settings):
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", s.prompt).strip("_")[:48] or "image"
-        png = out / f"{slug}_seed{s.seed}.png"
-        with atomic_file(png, suffix=".png") as tmp:
-            save_image(image, tmp, format="png")
-        with atomic_file(png.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps({**s.to_dict(), "fingerprints": fingerprints, "unipers_version": __version__},
-                                      indent=2) + "\n")
-        written.append(png)
-    with atomic_file(out / "grid.png", suffix=".png") as tmp:
-        save_image(make_grid(output.tensors, nrow=min(len(output), 8), padding=2), tmp, format="png")
-    return written

@@ -13,8 +13,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "unipers"
 
 # Lowest first. A module belongs to the longest prefix listed; `unipers.world` is the showcase on top.
 LAYERS = [
-    ("unipers.version", "unipers.errors", "unipers.paths", "unipers.io", "unipers.runtime", "unipers.schema",
-     "unipers.config"),
+    ("unipers.version", "unipers.errors", "unipers.paths", "unipers.io", "unipers.safetensors_checks",
+     "unipers.runtime", "unipers.schema", "unipers.config"),
     ("unipers.concepts",),
     ("unipers.models",),
     ("unipers.data",),

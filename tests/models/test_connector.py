@@ -1,6 +1,7 @@
 """Connector: masks respected, padding-invariant, save/load exact; Conditioning batching helpers."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -135,3 +136,192 @@ def test_conditioning_helpers():
         a.expand(4)
     with pytest.raises(ValueError, match=r"\(B, L, D\)"):
         Conditioning(torch.randn(2, 3, 4), torch.ones(2, 4, dtype=torch.bool))
+
+
+# ---- connector and decoder-delta files that do not match their own metadata --------------------------------
+def rewrite(src, dst, tensors=None, metadata=None):
+    """A copy of the safetensors file `src` at `dst`, with `tensors(dict)` / `metadata(dict)` applied."""
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        contents, meta = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    if tensors:
+        tensors(contents)
+    if metadata:
+        metadata(meta)
+    save_file(contents, str(dst), metadata=meta)
+    return dst
+
+
+def edit_config(**changes):
+    def edit(meta):
+        config = json.loads(meta["unipers.connector"])
+        config.update(changes)
+        meta["unipers.connector"] = json.dumps({k: v for k, v in config.items() if v is not ...})
+    return edit
+
+
+def poke(key, value=float("nan")):
+    def edit(t):
+        t[key] = t[key].clone()
+        t[key].view(-1)[3] = value
+    return edit
+
+
+BAD_CONNECTORS = {  # id -> (tensor edit, metadata edit, what the message must say after the file's path)
+    "missing-tensor": (lambda t: t.pop("queries"), None, "tensor 'queries' is missing"),
+    "extra-tensor": (lambda t: t.update(bogus=torch.zeros(3)), None, "unexpected tensor 'bogus'"),
+    "broadcastable-row": (lambda t: t.update(queries=torch.zeros(1, OUT_DIM)), None,
+                          "tensor 'queries' has shape [1, 32], but the metadata implies [5, 32]"),
+    "int-dtype": (lambda t: t.update({"proj.1.bias": torch.ones(OUT_DIM, dtype=torch.int32)}), None,
+                  "tensor 'proj.1.bias' has dtype int32, not a floating dtype"),
+    "huge-width": (None, edit_config(in_dim=10**9), "'unipers.connector' in_dim is 1000000000, outside the allowed"),
+    "huge-depth": (None, edit_config(num_layers=10**6), "'unipers.connector' num_layers is 1000000, outside"),
+    "config-beside-the-weights": (None, edit_config(num_queries=4000),
+                                  "tensor 'queries' has shape [5, 32], but the metadata implies [4000, 32]"),
+    "float-width": (None, edit_config(out_dim=32.0), "'unipers.connector' out_dim must be a whole number, got 32.0"),
+    "heads-do-not-divide": (None, edit_config(num_heads=5), "out_dim 32 is not divisible by num_heads 5"),
+    "unknown-kind": (None, edit_config(kind="resampler"), "kind is 'resampler', not one of linear, mlp, queries"),
+    "config-key-missing": (None, edit_config(num_heads=...), "'unipers.connector' lacks the key 'num_heads'"),
+    "config-key-unknown": (None, edit_config(depth=3), "'unipers.connector' has the unexpected key 'depth'"),
+    "config-not-json": (None, lambda m: m.update({"unipers.connector": "{kind: linear"}),
+                        "metadata 'unipers.connector' is not valid JSON"),
+    "no-format": (None, lambda m: m.pop("unipers.format"), "not a unipers connector file"),
+    "nan-weight": (poke("proj.1.weight"), None, "tensor 'proj.1.weight' holds 1 non-finite value(s)"),
+}
+
+
+@pytest.fixture
+def connector_file(tmp_path):
+    return make("queries").save(tmp_path / "connector.safetensors", {"backbone_fingerprint": "abc"})
+
+
+def bad_file(table, case, good, folder):
+    if case == "truncated":
+        bad = folder / "truncated.safetensors"
+        bad.write_bytes(good.read_bytes()[:-5])
+        return bad, "not a readable safetensors file"
+    tensors, metadata, message = table[case]
+    return rewrite(good, folder / f"{case}.safetensors", tensors, metadata), message
+
+
+@pytest.mark.parametrize("case", [*BAD_CONNECTORS, "truncated"])
+def test_a_connector_file_that_breaks_its_own_metadata_is_refused(case, connector_file, tmp_path, tree_digest):
+    from unipers.concepts.io import ConceptFileError
+    from unipers.models.connector import ConnectorFileError
+
+    bad, message = bad_file(BAD_CONNECTORS, case, connector_file, tmp_path)
+    before = tree_digest(bad)
+    start = time.perf_counter()
+    with pytest.raises(ConnectorFileError) as err:
+        Connector.load(bad)
+    assert time.perf_counter() - start < 0.5  # nothing of the claimed size is built
+    text = str(err.value)
+    assert text.startswith(f"{bad}: ") and message in text and "\n" not in text, text
+    assert isinstance(err.value, ConceptFileError)  # the commands report it as they report a concept file
+    if case != "nan-weight":  # the header alone shows the problem
+        with pytest.raises(ConnectorFileError, match=message.replace("[", r"\[").replace("(", r"\(")):
+            read_connector_metadata(bad)
+    assert tree_digest(bad) == before
+
+
+@pytest.mark.parametrize("case", ["missing-tensor", "huge-width", "truncated"])
+def test_the_cli_refuses_a_bad_connector_with_one_line_and_exit_code_2(
+        case, connector_file, tmp_path, tiny_dirs, unipers_cli, one_line_error, tree_digest):
+    bad, message = bad_file(BAD_CONNECTORS, case, connector_file, tmp_path)
+    before = tree_digest(bad)
+    code, out, err = unipers_cli("ask", "--set", f"connector.path={bad}", "What is a dog?")
+    assert code == 2 and out == ""
+    one_line_error(err, bad, message)
+    assert tree_digest(bad) == before
+
+
+@pytest.fixture(scope="module")
+def decoder_deltas(tiny_dirs, tmp_path_factory):
+    """{"lora": path, "blocks": path}: decoder deltas as the align stage writes them, for the stock tiny
+    decoder, with factors that change it (B starts at zero)."""
+    from unipers.config import load_config
+    from unipers.models.decoder_delta import decoder_delta_path
+    from unipers.models.unified import UnifiedModel
+    from unipers.training.align import AlignModule
+
+    out = {}
+    for mode in ("lora", "blocks"):
+        model = UnifiedModel.from_config(load_config([]))
+        module = AlignModule(model, lr=1e-3, weight_decay=0.0, warmup_steps=1, max_steps=2, seed=0,
+                             train_decoder=mode, lora_rank=4)
+        with torch.no_grad():
+            for name, p in module.named_parameters():
+                if p.requires_grad and name.startswith("model.decoder."):
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.01)
+        folder = tmp_path_factory.mktemp(mode)
+        out[mode] = decoder_delta_path(module.save_connector(folder / "connector.safetensors"))
+    return out
+
+
+@pytest.fixture
+def stock_decoder(decoder_dir):
+    from unipers.models.decoder import DiffusionDecoder
+
+    return DiffusionDecoder.from_pretrained(decoder_dir)
+
+
+LORA = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+BLOCK = "unet.mid_block.attentions.0.proj_in.weight"
+BAD_DELTAS = {  # id -> (kind, tensor edit, metadata edit, message)
+    "lora-missing-factor": ("lora", lambda t: t.pop(f"{LORA}.lora_B"), None, f"tensor '{LORA}.lora_B' is missing"),
+    "lora-extra-tensor": ("lora", lambda t: t.update({"unet.extra.lora_A": torch.zeros(4, 8)}), None,
+                          "unexpected tensor 'unet.extra.lora_A'"),
+    "lora-broadcastable-factor": ("lora", lambda t: t.update({f"{LORA}.lora_A": t[f"{LORA}.lora_A"][:1]}), None,
+                                  f"tensor '{LORA}.lora_A' has shape [1, "),
+    "lora-rank-beside-the-factors": ("lora", None, lambda m: m.update(lora_rank="8"),
+                                     "but the metadata implies [8, "),
+    "lora-huge-rank": ("lora", None, lambda m: m.update(lora_rank="1000000000"),
+                       "metadata 'lora_rank' is 1000000000, outside the allowed 1..4096"),
+    "lora-int-dtype": ("lora", lambda t: t.update({f"{LORA}.lora_A": t[f"{LORA}.lora_A"].long()}), None,
+                       f"tensor '{LORA}.lora_A' has dtype int64, not a floating dtype"),
+    "lora-scale-missing": ("lora", None, lambda m: m.pop(f"scale.{LORA}"), f"metadata 'scale.{LORA}' is missing"),
+    "lora-scale-nan": ("lora", None, lambda m: m.update({f"scale.{LORA}": "nan"}),
+                       f"metadata 'scale.{LORA}' must be a finite number"),
+    "lora-nan-factor": ("lora", poke(f"{LORA}.lora_B"), None, f"tensor '{LORA}.lora_B' holds 1 non-finite value(s)"),
+    "no-kind": ("lora", None, lambda m: m.pop("kind"), "metadata 'kind' is missing"),
+    "unknown-kind": ("lora", None, lambda m: m.update(kind="full"),
+                     "metadata 'kind' is 'full', not one of lora, blocks"),
+    "no-format": ("lora", None, lambda m: m.pop("unipers.format"), "not a unipers decoder delta"),
+    "blocks-unknown-parameter": ("blocks", lambda t: t.update({"unet.bogus.weight": torch.zeros(2)}), None,
+                                 "unexpected tensor 'unet.bogus.weight': the decoder has no such parameter"),
+    "blocks-wrong-shape": ("blocks", lambda t: t.update({BLOCK: t[BLOCK][:1]}), None,
+                           f"tensor '{BLOCK}' has shape [1, "),
+    "blocks-int-dtype": ("blocks", lambda t: t.update({BLOCK: t[BLOCK].int()}), None,
+                         f"tensor '{BLOCK}' has dtype int32, not a floating dtype"),
+    "blocks-nan": ("blocks", poke(BLOCK, float("-inf")), None, f"tensor '{BLOCK}' holds 1 non-finite value(s)"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_DELTAS, "truncated"])
+def test_a_decoder_delta_that_breaks_its_metadata_is_refused_before_any_weight_changes(
+        case, decoder_deltas, stock_decoder, tmp_path, tree_digest):
+    from unipers.models.decoder_delta import DecoderDeltaError, apply_decoder_delta
+
+    kind = BAD_DELTAS[case][0] if case in BAD_DELTAS else "lora"
+    table = {k: v[1:] for k, v in BAD_DELTAS.items()}
+    bad, message = bad_file(table, case, decoder_deltas[kind], tmp_path)
+    before, weights = tree_digest(bad), {k: v.clone() for k, v in stock_decoder.state_dict().items()}
+    start = time.perf_counter()
+    with pytest.raises(DecoderDeltaError) as err:
+        apply_decoder_delta(stock_decoder, bad)
+    assert time.perf_counter() - start < 1.0  # the decoder's fingerprint is most of it
+    text = str(err.value)
+    assert text.startswith(f"{bad}: ") and message in text and "\n" not in text, text
+    assert all(torch.equal(v, weights[k]) for k, v in stock_decoder.state_dict().items())
+    assert tree_digest(bad) == before
+
+
+@pytest.mark.parametrize("kind", ["lora", "blocks"])
+def test_a_good_decoder_delta_still_applies(kind, decoder_deltas, stock_decoder):
+    from unipers.models.decoder_delta import apply_decoder_delta
+
+    before = {k: v.clone() for k, v in stock_decoder.state_dict().items()}
+    apply_decoder_delta(stock_decoder, decoder_deltas[kind])
+    changed = {k for k, v in stock_decoder.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("unet.") for k in changed)

@@ -25,15 +25,24 @@ from unipers.concepts.names import validate_name
 
 GROUPS = ("identifier", "shared", "und", "gen")
 HEAD_GROUPS = {"none": (), "identifier": ("identifier",), "all": GROUPS}
+MAX_SLOTS = 1024
+"""The most slots one group may have. Real layouts use 4 to 16; the bound lets a concept file's layout be
+refused before rows are allocated for it (a layout of a billion slots would ask for hundreds of GB)."""
 
 
 @dataclass(frozen=True)
 class SlotLayout:
-    """How many latent slots of each group a concept has (the identifier is always one token)."""
+    """How many latent slots of each group a concept has (the identifier is always one token); each
+    count is a whole number from 0 to ``MAX_SLOTS``."""
 
     num_shared: int = 8
     num_und: int = 4
     num_gen: int = 4
+
+    def __post_init__(self) -> None:
+        for key, value in (("num_shared", self.num_shared), ("num_und", self.num_und), ("num_gen", self.num_gen)):
+            if type(value) is not int or not 0 <= value <= MAX_SLOTS:
+                raise ValueError(f"SlotLayout.{key} must be a whole number from 0 to {MAX_SLOTS}, got {value!r}")
 
     def count(self, group: str) -> int:
         return {"identifier": 1, "shared": self.num_shared, "und": self.num_und, "gen": self.num_gen}[group]
@@ -124,7 +133,8 @@ class ConceptBank(nn.Module):
     def add(self, name: str, *, class_word: Optional[str] = None, layout: Optional[SlotLayout] = None,
             head_groups: Optional[Iterable[str]] = None, vocabulary: Iterable[str] = (),
             embed_init: Optional[dict[str, Tensor]] = None, head_init: Optional[dict[str, Tensor]] = None) -> ConceptInfo:
-        """Add a concept with zero rows, or rows copied from `embed_init` / `head_init` (group -> rows)."""
+        """Add a concept with zero rows, or rows copied from `embed_init` / `head_init` (group -> rows of
+        exactly the group's shape, (slots, hidden_size); groups the concept lacks are skipped)."""
         validate_name(name, vocabulary=vocabulary, taken=self.info)
         layout = layout or self.layout
         head_groups = tuple(HEAD_GROUPS[self.head_rows] if head_groups is None else head_groups)
@@ -133,8 +143,12 @@ class ConceptBank(nn.Module):
         with torch.no_grad():
             for table, init in ((rows.embed, embed_init or {}), (rows.head, head_init or {})):
                 for group, value in init.items():
+                    # No broadcasting: one row given for many slots is a bug or a corrupt file, not an init.
+                    if group in table and tuple(value.shape) != tuple(table[group].shape):
+                        raise ValueError(f"concept {name!r}: rows for {group} have shape {list(value.shape)}, "
+                                         f"expected {list(table[group].shape)}")
                     if group in table:
-                        table[group].copy_(value.expand_as(table[group]))
+                        table[group].copy_(value)
         device = next((p.device for p in self.parameters()), None)
         self.rows[name] = rows.to(device) if device is not None else rows
         self.info[name] = info

@@ -3,6 +3,11 @@
 Trained once per (backbone, decoder) pair in the *align* stage, then frozen while personalizing. It is saved
 alone as safetensors with its constructor arguments and the caller's base fingerprints in the metadata, so a
 concept run can check that it was aligned on the same bases before building anything.
+
+Loading trusts nothing before the header has been checked against itself (`read_connector_metadata`, no
+tensor data read): the constructor arguments present, well-typed and bounded, then exactly the tensors a
+connector of that config has, each of exactly its shape and of a float dtype; then every tensor read must be
+finite. A failure is a ``ConnectorFileError`` naming the file, key and problem.
 """
 
 from __future__ import annotations
@@ -13,14 +18,26 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from unipers.concepts.io import ConceptFileError
+from unipers.safetensors_checks import Header, read_header, short
 
 CONNECTOR_KINDS = ("linear", "mlp", "queries")
 _CONFIG_KEY = "unipers.connector"
 _FORMAT_KEY = "unipers.format"
 _FORMAT = "connector-v1"
+MAX_DIM = 65536
+"""The largest in/out/pooled width a connector file may declare; its other arguments have bounds in
+``_CONFIG_BOUNDS``. They keep a corrupt config from building a huge module before its shapes are compared."""
+_CONFIG_BOUNDS = {"in_dim": (1, MAX_DIM), "out_dim": (1, MAX_DIM), "num_queries": (1, 4096), "num_layers": (0, 64),
+                  "num_heads": (1, 1024)}
+
+
+class ConnectorFileError(ConceptFileError):
+    """A connector file that cannot be loaded; the message names the file, the key and the problem. A
+    ConceptFileError, so every command that reports a bad concept file reports it the same way."""
 
 
 @dataclass
@@ -172,19 +189,53 @@ class Connector(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Connector:
-        metadata = read_connector_metadata(path)
-        connector = cls(**json.loads(metadata[_CONFIG_KEY]))
-        state = load_file(str(path), device=str(map_location))
+        """The connector saved at `path`, after its header is checked against its config (nothing is built
+        before) and every tensor is checked finite."""
+        header, config = _checked_header(path)
+        connector = cls(**config)
+        state = header.read(header.shapes, device=map_location)
         dtypes = {t.dtype for t in state.values()}
         connector.to(device=map_location, dtype=dtypes.pop() if len(dtypes) == 1 else None)
         connector.load_state_dict(state, strict=True)
         return connector
 
 
+def _checked_config(header: Header) -> dict:
+    """The constructor arguments in the header: every one present, of its type and within its bounds."""
+    where = f"metadata {_CONFIG_KEY!r}"
+    config = header.check_keys(header.json(_CONFIG_KEY), where,
+                               ("kind", "in_dim", "out_dim", "pooled_dim", "num_queries", "num_layers", "num_heads",
+                                "mlp_ratio", "dropout"))
+    if config["kind"] not in CONNECTOR_KINDS:
+        header.fail(f"{where} kind is {short(config['kind'])}, not one of {', '.join(CONNECTOR_KINDS)}")
+    for key, (low, high) in _CONFIG_BOUNDS.items():
+        header.check_int(config[key], f"{where} {key}", low, high)
+    if config["pooled_dim"] is not None:
+        header.check_int(config["pooled_dim"], f"{where} pooled_dim", 1, MAX_DIM)
+    header.check_number(config["mlp_ratio"], f"{where} mlp_ratio", 1 / 64, 64)
+    header.check_number(config["dropout"], f"{where} dropout", 0, 1)
+    if int(config["out_dim"] * config["mlp_ratio"]) < 1:
+        header.fail(f"{where} mlp_ratio {config['mlp_ratio']} leaves out_dim {config['out_dim']} no hidden width")
+    if config["kind"] == "queries" and config["out_dim"] % config["num_heads"]:
+        header.fail(f"{where} out_dim {config['out_dim']} is not divisible by num_heads {config['num_heads']}")
+    return config
+
+
+def _checked_header(path: str | Path) -> tuple[Header, dict]:
+    """The header of a connector file checked against itself, and the constructor arguments it holds."""
+    header = read_header(path, ConnectorFileError, what="connector file")
+    if header.metadata.get(_FORMAT_KEY) != _FORMAT or _CONFIG_KEY not in header.metadata:
+        header.fail(f"not a unipers connector file (format {short(header.metadata.get(_FORMAT_KEY))})")
+    config = _checked_config(header)
+    # The shapes a connector of this config has, from one built on the meta device: no memory, and no
+    # second list of shapes to keep in step with __init__.
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Connector(**config).state_dict().items()}
+    header.expect_tensors(expected)
+    return header, config
+
+
 def read_connector_metadata(path: str | Path) -> dict[str, str]:
-    """The saved metadata (caller keys plus ``unipers.connector``: the kwargs as JSON), without the weights."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if metadata.get(_FORMAT_KEY) != _FORMAT or _CONFIG_KEY not in metadata:
-        raise ValueError(f"{path} is not a unipers connector file (format {metadata.get(_FORMAT_KEY)!r})")
-    return dict(metadata)
+    """The saved metadata (caller keys plus ``unipers.connector``: the kwargs as JSON), without the weights,
+    after checking the file against it (``ConnectorFileError`` otherwise)."""
+    return dict(_checked_header(path)[0].metadata)

@@ -6,7 +6,11 @@ only the trained decoder tensors and is applied to the stock decoder when a mode
     apply_decoder_delta(decoder, decoder_delta_path("aligned/connector.safetensors"))   # loading
 
 A delta records the fingerprint of the decoder it was trained on and is refused on any other, including a
-decoder it was already applied to.
+decoder it was already applied to. Before any weight changes, the header is checked against the metadata
+and the decoder, reading no tensor data: a LoRA delta holds exactly an ``A`` (rank, in) and ``B`` (out, rank)
+factor for every attention projection of the UNet, and a scale for each; a blocks delta holds only
+parameters of the decoder, each of its shape; all of float dtypes. Then every tensor read must be finite.
+A failure is a ``DecoderDeltaError`` naming the file, key and problem.
 """
 
 from __future__ import annotations
@@ -15,16 +19,21 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from unipers.concepts.io import ConceptFileError
 from unipers.models.fingerprint import config_fields, fingerprint
+from unipers.safetensors_checks import Header, read_header, short
 
 DECODER_MODES = ("none", "lora", "blocks")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 DELTA_FORMAT = "decoder-delta-v1"
+MAX_LORA_RANK = 4096
+
+
+class DecoderDeltaError(ConceptFileError):
+    """A decoder delta that cannot be applied; the message names the file, the key and the problem. A
+    ConceptFileError, so every command that reports a bad concept file reports it the same way."""
 
 
 def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, seed: int = 0) -> dict[str, nn.Module]:
@@ -58,32 +67,63 @@ def decoder_delta_path(connector_path: str | os.PathLike) -> Path:
     return Path(connector_path).with_suffix(".decoder.safetensors")
 
 
+def lora_targets(decoder) -> list[str]:
+    """The paths in `decoder` of the modules `add_lora` puts adapters on (peft's rule: the path is a target
+    or ends in ``.<target>``), as the delta names them (``unet.down_blocks.0....to_q``)."""
+    return [name for name, module in decoder.named_modules()
+            if name.startswith("unet.") and isinstance(module, nn.Linear)
+            and any(name.endswith("." + t) for t in LORA_TARGETS)]
+
+
+def _expected_tensors(header: Header, decoder, kind: str) -> tuple[dict[str, tuple[int, ...]], dict[str, float]]:
+    """(key -> shape) of the tensors a delta of `kind` for `decoder` holds, and the LoRA scales; checks the
+    metadata they come from on the way."""
+    if kind == "blocks":
+        params = {name: tuple(p.shape) for name, p in decoder.named_parameters()}
+        unknown = [k for k in header.shapes if k not in params]
+        if unknown:
+            header.fail(f"unexpected tensor {short(unknown[0])}: the decoder has no such parameter")
+        if not header.shapes:
+            header.fail("holds no tensors (a blocks delta holds the trained decoder parameters)")
+        return {k: params[k] for k in header.shapes}, {}
+    rank = header.integer("lora_rank", 1, MAX_LORA_RANK)
+    expected, scales = {}, {}
+    for name in lora_targets(decoder):
+        out_features, in_features = decoder.get_submodule(name).weight.shape
+        expected[f"{name}.lora_A"], expected[f"{name}.lora_B"] = (rank, in_features), (out_features, rank)
+        scales[name] = header.number(f"scale.{name}", -1e6, 1e6)
+    extra = sorted(k for k in header.metadata if k.startswith("scale.") and k[len("scale."):] not in scales)
+    if extra:
+        header.fail(f"unexpected metadata {short(extra[0])}: the decoder has no such attention projection")
+    return expected, scales
+
+
 @torch.no_grad()
 def apply_decoder_delta(decoder, path: str | os.PathLike):
     """Apply an align-stage decoder delta to a stock ``DiffusionDecoder`` in place (LoRA merged into the
-    weights), after checking it was trained on this very decoder. Returns the decoder."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    weights), after checking it was trained on this very decoder and holds what its metadata says (see the
+    module docstring). Returns the decoder."""
+    header = read_header(path, DecoderDeltaError, what="decoder delta")
+    meta = header.metadata
     if meta.get("unipers.format") != DELTA_FORMAT:
-        raise ConceptFileError(f"{path} is not a unipers decoder delta (format {meta.get('unipers.format')!r})")
-    ours = fingerprint(decoder, config_fields(decoder.unet.config))
-    if meta.get("decoder_fingerprint") != ours:
-        raise ConceptFileError(f"{path}: delta trained on decoder {meta.get('decoder_fingerprint')}, but this "
-                               f"decoder is {ours} (another decoder, or a delta already applied)")
-    tensors = load_file(str(path))
-    if meta["kind"] == "blocks":
+        header.fail(f"not a unipers decoder delta (format {short(meta.get('unipers.format'))})")
+    kind = header.text("kind")
+    if kind not in ("lora", "blocks"):
+        header.fail(f"metadata 'kind' is {short(kind)}, not one of lora, blocks")
+    theirs, ours = header.text("decoder_fingerprint"), fingerprint(decoder, config_fields(decoder.unet.config))
+    if theirs != ours:
+        header.fail(f"delta trained on decoder {short(theirs)}, but this decoder is {ours} (another decoder, "
+                    "or a delta already applied)")
+    expected, scales = _expected_tensors(header, decoder, kind)
+    header.expect_tensors(expected, exact=kind == "lora")
+    tensors = header.read(expected if kind == "lora" else header.shapes)
+    if kind == "blocks":
         params = dict(decoder.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ConceptFileError(f"{path}: the decoder has no parameters {unknown[:3]}")
         for name, value in tensors.items():
             params[name].copy_(value)
-    elif meta["kind"] == "lora":
-        for key in [k for k in tensors if k.endswith(".lora_A")]:
-            name = key[: -len(".lora_A")]
-            weight = decoder.get_submodule(name).weight
-            delta = float(meta[f"scale.{name}"]) * (tensors[f"{name}.lora_B"] @ tensors[key])
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
     else:
-        raise ConceptFileError(f"{path}: unknown delta kind {meta['kind']!r}")
+        for name, scale in scales.items():
+            weight = decoder.get_submodule(name).weight
+            delta = scale * (tensors[f"{name}.lora_B"] @ tensors[f"{name}.lora_A"])
+            weight.copy_((weight.float() + delta.float().to(weight.device)).to(weight.dtype))
     return decoder

@@ -24,7 +24,7 @@ from unipers.concepts.bank import SlotLayout
 from unipers.concepts.io import ConceptFileError, load_concepts, read_metadata, save_concepts
 from unipers.concepts.prompts import PromptBuilder
 from unipers.models.backbone import ARBackbone
-from unipers.models.connector import Conditioning, Connector, read_connector_metadata
+from unipers.models.connector import Conditioning, Connector, ConnectorFileError, read_connector_metadata
 from unipers.models.decoder import DiffusionDecoder
 from unipers.models.fingerprint import config_fields, fingerprint
 from unipers.models.padding import pad_batch
@@ -137,7 +137,7 @@ class UnifiedModel(nn.Module):
         for kind, ours in self.fingerprints.items():
             theirs = meta.get(f"{kind}_fingerprint")
             if theirs is not None and theirs != ours:
-                raise ConceptFileError(f"{path}: connector aligned for {kind} {theirs}, but the loaded {kind} is {ours}")
+                raise ConnectorFileError(f"{path}: connector aligned for {kind} {theirs}, but the loaded {kind} is {ours}")
 
     def freeze_connector(self, frozen: bool = True) -> None:
         self.connector.requires_grad_(not frozen)

@@ -15,7 +15,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from unipers.errors import UnipersError
 
@@ -179,6 +179,28 @@ def folder_lock(folder: str | os.PathLike, *, first_process: bool = True) -> Ite
         yield
     finally:
         os.close(fd)
+
+
+def write_new(path: Path, write: Callable[[Path], None]) -> bool:
+    """Write `path` through `write(tmp)` unless it exists: True when written, False when the name is taken.
+    The file appears whole (one link of a finished temporary file) and never replaces another."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give what an open() would
+        try:
+            os.link(tmp, path)  # unlike a rename, a link refuses an existing name
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: a rename after a check, racy only against others
+            if path.exists() or path.is_symlink():
+                return False
+            os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def save_safetensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from unipers.inference import InputError
-from unipers.inference.common import OPTION_RANGES, check_option
-from unipers.inference.output import save_images, write_new
+from unipers.inference.options import OPTION_RANGES, check_option
+from unipers.inference.output import save_images
+from unipers.io import write_new
 from unipers.inference.session import GenerationOutput, GenerationSettings
 
 ASK = ("ask", "hi")

@@ -146,3 +146,32 @@ def test_best_files_after_a_sigkill_and_resume_match_an_uninterrupted_run(prepar
         for name, (meta, tensors) in expected.items():
             assert got[name][0] == meta, (kill_at, name)
             assert all(torch.equal(tensors[k], got[name][1][k]) for k in tensors), (kill_at, name)
+
+
+@pytest.mark.parametrize("damage", ["nan", "shape", "missing", "extra", "int"])
+def test_a_damaged_checkpoint_is_refused_before_it_is_loaded(prepared_concepts, tmp_path, damage, unipers_cli,
+                                                            one_line_error, tree_digest):
+    run = tmp_path / "run"
+    train(cfg_for(run, prepared_concepts[:1], "trainer.max_steps=2", "trainer.checkpoint_every=2"))
+    (run / "concepts" / "last.safetensors").unlink()  # an unfinished run, to resume
+    ckpt = run / "checkpoints" / "step_000002.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    state = saved["state_dict"]
+    key = sorted(state)[0]
+    if damage == "nan":
+        state[key] = torch.full_like(state[key], float("nan"))
+    elif damage == "shape":
+        state[key] = state[key][:, :-1]
+    elif damage == "missing":
+        del state[key]
+    elif damage == "extra":
+        state["model.bank.rows.zz.embed.identifier"] = torch.zeros(1, 4)
+    else:
+        state[key] = state[key].long()
+    torch.save(saved, ckpt)
+    before = tree_digest(run)
+    code, _, err = unipers_cli("train", "personalize", f"data.concepts=[{prepared_concepts[0]}]", f"run_dir={run}",
+                               *FAST, "trainer.max_steps=4", "trainer.checkpoint_every=2", "ckpt_path=last")
+    assert code == 2, err
+    one_line_error(err, str(ckpt))
+    assert tree_digest(run) == before

@@ -136,8 +136,10 @@ CACHE_FORMAT = 2
 """Layout of the cache files. A file of another layout, such as the path-keyed files written before
 entries carried their photo's hash, is rebuilt, not read."""
 SAVE_EVERY_S = 60.0
-"""While a cache fills, save it after this many seconds of encoding (at least 10x the last save's time,
-so rewriting a large file stays under a tenth of the work): an interrupted encode keeps what it did."""
+"""While a cache fills, save it after this many seconds of encoding: an interrupted encode keeps what it did."""
+SAVE_STRETCH = 10.0
+"""...and after at least this many times the last save's own duration, so rewriting a large file stays
+under a tenth of the work."""
 _META = "unipers.feature_cache"
 
 
@@ -253,7 +255,7 @@ def _fill(file: Path, kind: str, fingerprint: str, compute, todo: Sequence[str],
             t = time.monotonic()
             _write_cache(file, kind, fingerprint, entries, digests)
             last = time.monotonic()
-            every = max(SAVE_EVERY_S, 10 * (last - t))
+            every = max(SAVE_EVERY_S, SAVE_STRETCH * (last - t))
     if todo:
         _write_cache(file, kind, fingerprint, entries, digests)
 

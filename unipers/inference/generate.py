@@ -57,7 +57,8 @@ def read_sidecar(args: argparse.Namespace) -> None:
     """Put a sidecar's settings into `args`, or fail naming the sidecar and what is wrong with it."""
     import json
 
-    from unipers.inference.common import InputError, check_option, fail
+    from unipers.inference.common import fail
+    from unipers.inference.options import InputError, check_option
 
     path = args.from_sidecar
     try:

@@ -13,12 +13,53 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from torch import Tensor
+
+from unipers.io import write_new
 
 if TYPE_CHECKING:
-    from unipers.inference.session import GenerationOutput
+    import PIL.Image
+
+
+@dataclass
+class GenerationOutput:
+    """What `InferenceSession.generate` returns: one entry per image, prompts x ``num_images`` in order."""
+
+    tensors: Tensor
+    """(N, 3, H, W), float in [0, 1]."""
+    settings: list["GenerationSettings"]
+    """Everything that determines each image (prompt, seed, steps, ...): enough to make it again."""
+
+    @property
+    def images(self) -> list["PIL.Image.Image"]:
+        """The images as PIL RGB images."""
+        from torchvision.transforms.functional import to_pil_image
+
+        return [to_pil_image(t.clamp(0, 1).cpu()) for t in self.tensors]
+
+    def __len__(self) -> int:
+        return len(self.settings)
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that determines a generated image: saved beside it, enough to regenerate it exactly."""
+
+    prompt: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 5.0
+    size: Optional[int] = None
+    scheduler: Optional[str] = None
+    concept_files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class SavedImages(list):
@@ -37,34 +78,6 @@ def _candidates(stem: str) -> Iterator[str]:
     while True:
         yield f"{stem}_{n}"
         n += 1
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_new(path: Path, write: Callable[[Path], None]) -> bool:
-    """Write `path` through `write(tmp)` unless it exists: True when written, False when the name is taken.
-    The file appears whole (one link of a finished temporary file) and never replaces another."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600: give what an open() would
-        try:
-            os.link(tmp, path)  # unlike a rename, a link refuses an existing name
-        except FileExistsError:
-            return False
-        except OSError:  # a file system without hard links: a rename after a check, racy only against others
-            if path.exists() or path.is_symlink():
-                return False
-            os.replace(tmp, path)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_images(output: "GenerationOutput", out_dir: str | os.PathLike, fingerprints: dict[str, str]) -> SavedImages:

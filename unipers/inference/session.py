@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -30,53 +29,13 @@ from torch import Tensor
 from unipers.concepts.names import MARKER_PATTERN
 from unipers.concepts.prompts import IMAGE_MARKER, PromptError
 from unipers.concepts.recognition import recognition_layout
-from unipers.inference.common import InputError, check_option
-from unipers.inference.output import save_images
+from unipers.inference.options import InputError, check_option
+from unipers.inference.output import GenerationOutput, GenerationSettings, save_images
 from unipers.models.padding import pad_batch
 from unipers.models.unified import UnifiedModel
 
-if TYPE_CHECKING:
-    import PIL.Image
-
 
 __all__ = ["GenerationOutput", "GenerationSettings", "InferenceSession", "InputError", "save_images"]
-
-
-@dataclass
-class GenerationOutput:
-    """What `InferenceSession.generate` returns: one entry per image, prompts x ``num_images`` in order."""
-
-    tensors: Tensor
-    """(N, 3, H, W), float in [0, 1]."""
-    settings: list["GenerationSettings"]
-    """Everything that determines each image (prompt, seed, steps, ...): enough to make it again."""
-
-    @property
-    def images(self) -> list["PIL.Image.Image"]:
-        """The images as PIL RGB images."""
-        from torchvision.transforms.functional import to_pil_image
-
-        return [to_pil_image(t.clamp(0, 1).cpu()) for t in self.tensors]
-
-    def __len__(self) -> int:
-        return len(self.settings)
-
-
-@dataclass
-class GenerationSettings:
-    """Everything that determines a generated image: saved beside it, enough to regenerate it exactly."""
-
-    prompt: str
-    negative: str = ""
-    seed: int = 0
-    steps: int = 25
-    guidance: float = 5.0
-    size: Optional[int] = None
-    scheduler: Optional[str] = None
-    concept_files: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class InferenceSession:

@@ -151,13 +151,14 @@ def ensure_tiny(root: str | os.PathLike | None = None, force: bool = False) -> t
     from unipers.io import atomic_directory
     from unipers.models.tiny_decoder import build_tiny_decoder
 
+    own = not root  # the cache is unipers' own; a folder the user named is replaced only if unipers wrote it
     root = Path(root) if root else cache_dir("tiny")
     ar_dir, dec_dir = root / "backbone", root / "decoder"
     if force or not (ar_dir / "config.json").is_file():
-        with atomic_directory(ar_dir, overwrite=True, cache=True) as tmp:
+        with atomic_directory(ar_dir, overwrite=True, cache=own, flag="--force") as tmp:
             build_tiny_chameleon(tmp)
     if force or not (dec_dir / "model_index.json").is_file():
-        with atomic_directory(dec_dir, overwrite=True, cache=True) as tmp:
+        with atomic_directory(dec_dir, overwrite=True, cache=own, flag="--force") as tmp:
             build_tiny_decoder(tmp, cross_attention_dim=64, pooled_dim=64)
     return ar_dir, dec_dir
 

@@ -33,6 +33,7 @@ from unipers import __version__
 from unipers.io import atomic_file, save_safetensors_atomic
 from unipers.models.decoder_delta import (DECODER_MODES, DELTA_FORMAT, add_lora, decoder_delta_path,
                                           lora_factors)
+from unipers.training.state import check_trainable_state
 from unipers.training.schedule import warmup_cosine
 
 
@@ -127,10 +128,11 @@ class AlignModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = sorted(set(self.trainable_names) - set(checkpoint["state_dict"]))
-        if missing:  # strict_loading is off for the frozen weights, not for what we train
-            raise RuntimeError(f"checkpoint lacks {len(missing)} trained tensors, e.g. {missing[:3]} "
-                               f"(train_decoder={self.train_decoder!r} at save time?)")
+        self.check_checkpoint(checkpoint, self.trainer.ckpt_path if self._trainer is not None else "checkpoint")
+
+    def check_checkpoint(self, checkpoint: dict, path) -> None:
+        # strict_loading is off for the frozen weights, not for what we train
+        check_trainable_state(self, checkpoint["state_dict"], self.trainable_names, path)
 
     # ---- outputs -------------------------------------------------------------------------------------
     def save_connector(self, path: str | os.PathLike) -> Path:

@@ -29,6 +29,7 @@ from unipers.errors import DivergedError
 from unipers.models.unified import UnifiedModel
 from unipers.training.losses import PersonalizeLoss
 from unipers.training.schedule import Schedule
+from unipers.training.state import CheckpointError, check_trainable_state
 
 
 class PersonalizeModule(L.LightningModule):
@@ -150,10 +151,16 @@ class PersonalizeModule(L.LightningModule):
         checkpoint["unipers"] = {"concepts": self.model.bank.names, **self.model.fingerprints}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.check_checkpoint(checkpoint, self.trainer.ckpt_path if self._trainer is not None else "checkpoint")
+
+    def check_checkpoint(self, checkpoint: dict, path) -> None:
+        """CheckpointError naming `path` unless `checkpoint` was saved by this run's configuration."""
         saved: Optional[dict] = checkpoint.get("unipers")
         if saved is not None:
             for kind, ours in self.model.fingerprints.items():
                 if saved.get(kind) != ours:
-                    raise ValueError(f"checkpoint was trained on {kind} {saved.get(kind)}, this run has {ours}")
+                    raise CheckpointError(f"{path}: trained on {kind} {saved.get(kind)}, this run has {ours}")
             if saved["concepts"] != self.model.bank.names:
-                raise ValueError(f"checkpoint holds concepts {saved['concepts']}, this run {self.model.bank.names}")
+                raise CheckpointError(f"{path}: holds concepts {saved['concepts']}, this run {self.model.bank.names}")
+        trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+        check_trainable_state(self, checkpoint["state_dict"], trainable, path)

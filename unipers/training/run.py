@@ -247,6 +247,7 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
     from unipers.models.unified import UnifiedModel
     from unipers.models.decoder_delta import decoder_delta_path
     from unipers.training.align import AlignModule
+    from unipers.training.state import check_checkpoint
 
     if not cfg.data.pairs:
         raise ConfigError("data.pairs is empty: give a folder with captions.jsonl, or a glob of tar shards")
@@ -282,6 +283,8 @@ def run_align(cfg, extra_callbacks: Sequence = ()) -> Path:
 
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
     out = run_dir / "connector.safetensors"
+    if ckpt:
+        check_checkpoint(module, ckpt)
     write_run_info(cfg, run_dir, model.fingerprints)
     trainer = build_trainer(cfg, run_dir, list(extra_callbacks), validate=False)
     with cpu_threads_for_run(cfg, model):
@@ -326,6 +329,7 @@ def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:
 def _fit_personalize(cfg, model, data, schedule, extra_callbacks: Sequence) -> Path:
     from unipers.training.callbacks import ConceptFiles, ValidationSamples
     from unipers.training.personalize import PersonalizeModule
+    from unipers.training.state import check_checkpoint
 
     run_dir, p, t = Path(cfg.run_dir), cfg.personalize, cfg.trainer
     data.attach(model)
@@ -335,6 +339,8 @@ def _fit_personalize(cfg, model, data, schedule, extra_callbacks: Sequence) -> P
     module = PersonalizeModule(model, schedule, lr=t.lr, weight_decay=t.weight_decay, seed=cfg.seed,
                                decision_weight=p.decision_weight)
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
+    if ckpt:
+        check_checkpoint(module, ckpt)
     write_run_info(cfg, run_dir, model.fingerprints)
     callbacks = [ConceptFiles(run_dir / CONCEPTS, p.save_every), *extra_callbacks]
     if t.val_every and data.val_records:

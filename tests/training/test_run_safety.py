@@ -175,3 +175,18 @@ def test_a_damaged_checkpoint_is_refused_before_it_is_loaded(prepared_concepts, 
     assert code == 2, err
     one_line_error(err, str(ckpt))
     assert tree_digest(run) == before
+
+
+def test_the_row_check_names_the_non_finite_concept_and_passes_huge_finite_rows():
+    from unipers.concepts.bank import ConceptBank, SlotLayout
+    from unipers.training.personalize import non_finite_concepts
+
+    bank = ConceptBank(100, 8, SlotLayout(2, 1, 1))
+    for name in ("bo", "mam"):
+        bank.add(name)
+    assert non_finite_concepts(bank) == []
+    with torch.no_grad():
+        bank.concept_rows("mam").embed["und"].fill_(1e30)  # finite, but its square overflows the fused norm
+        assert non_finite_concepts(bank) == []
+        bank.concept_rows("bo").embed["gen"][0, 3] = float("nan")
+    assert non_finite_concepts(bank) == ["bo"]

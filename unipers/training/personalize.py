@@ -32,6 +32,17 @@ from unipers.training.schedule import Schedule
 from unipers.training.state import CheckpointError, check_trainable_state
 
 
+def non_finite_concepts(bank) -> list[str]:
+    """The concepts of `bank` with a NaN or infinite row. One fused norm over every row answers the common
+    case (all finite); only when it is not finite (a NaN, an inf, or rows so large their squares overflow)
+    are the concepts checked one by one."""
+    params = list(bank.parameters())
+    if not params or bool(torch.isfinite(torch.nn.utils.get_total_norm(params, foreach=True))):
+        return []
+    return [name for name in bank.names
+            if not all(bool(torch.isfinite(p).all()) for p in bank.concept_rows(name).parameters())]
+
+
 class PersonalizeModule(L.LightningModule):
     def __init__(self, model: UnifiedModel, schedule: Schedule, *, lr: float = 1e-3, weight_decay: float = 0.0,
                  seed: int = 0, decision_weight: float = 1.0):
@@ -85,8 +96,7 @@ class PersonalizeModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         # Before on_train_batch_end, where checkpoints and concept files are written. The rows are the same
         # on every rank (all-reduced gradients), so every rank stops at the same step.
-        bad = [name for name in self.model.bank.names
-               if not all(torch.isfinite(p).all() for p in self.model.bank.concept_rows(name).parameters())]
+        bad = non_finite_concepts(self.model.bank)
         if bad:
             raise DivergedError(f"training diverged at step {self.global_step}: the rows of "
                                 f"{', '.join('<' + b + '>' for b in bad)} are not finite (trainer.lr={self.lr:g}); "

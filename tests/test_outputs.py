@@ -109,3 +109,21 @@ def test_debug_shows_the_traceback_and_the_default_does_not(tmp_path):
     debug = subprocess.run([*args[:3], "--debug", *args[3:]], capture_output=True, text=True)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and "data.concepts" in plain.stderr
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_eval_writes_a_new_folder_and_replaces_only_its_own(workspace, concept_files, prepared_concepts, unipers_cli,
+                                                           tree_digest, one_line_error):
+    args = ["eval", "--concept", concept_files["bo"], "--data", prepared_concepts[0], "--no-generation"]
+    (workspace / "metrics.json").write_text("{\"mine\": 1}\n")  # a user's file where eval would write one
+    before = tree_digest(workspace.parent)
+    for out in (".", "other", "notes.txt"):
+        code, _, err = unipers_cli(*args, "--out", out, "--overwrite")
+        assert code == 2, (out, err)
+        one_line_error(err, str(Path(out).absolute()))
+    assert tree_digest(workspace.parent) == before
+    code, _, err = unipers_cli(*args, "--out", "ev")
+    assert code == 0, err and (workspace / "ev" / "metrics.json").is_file()
+    code, _, err = unipers_cli(*args, "--out", "ev")
+    assert code == 2 and "--overwrite" in err
+    code, _, err = unipers_cli(*args, "--out", "ev", "--overwrite")
+    assert code == 0, err

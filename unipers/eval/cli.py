@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", nargs="+", action="extend", default=[], metavar="PREPARED_DIR",
                         help="prepared concept folder(s), or a folder of them (an imported dataset)")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (metrics.json, report.md, grids/)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when an earlier eval wrote it")
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
                         help="config naming the base models and the eval: section (default: the tiny models)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -65,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
     from unipers.inference.session import InputError
 
     request = EvalRequest(concept_files=args.concept, data=args.data, out=args.out, baselines=args.baselines,
-                          generation=not args.no_generation, run_dir=args.run, device=args.device)
+                          generation=not args.no_generation, run_dir=args.run, device=args.device,
+                          overwrite=args.overwrite)
     try:
         cfg = load_config(args.config, args.overrides)
         result = run_eval(cfg, request)

@@ -44,6 +44,8 @@ class EvalRequest:
     generation: bool = True
     run_dir: Optional[str | Path] = None
     device: Optional[str] = None
+    overwrite: bool = False
+    """Replace `out` when an earlier eval wrote it (never another folder, nor one holding an input)."""
 
 
 class Evaluator:
@@ -235,9 +237,12 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
     from unipers.eval import report
     from unipers.eval.models import ClipEmbedder, DinoEmbedder
     from unipers.inference.session import InferenceSession
+    from unipers.io import atomic_directory, check_output
 
     log = log or (lambda m: print(m, file=sys.stderr))
     out = Path(request.out)
+    inputs = [*request.concept_files, *request.data, *([request.run_dir] if request.run_dir else [])]
+    check_output(out, overwrite=request.overwrite, inputs=inputs)  # before any slow work
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = cfg.eval
     if settings.prompts:
@@ -260,46 +265,47 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
         clip = ClipEmbedder.load(settings.clip_path, device)
         dino = DinoEmbedder.load(settings.dino_path, device)
     session = session or InferenceSession.from_config(cfg, device=device)
-    grids = out / "grids"
-    ev = Evaluator(session, settings, clip=clip, dino=dino, grids=grids)
-    groups = ([(f.stem, records[str(f)]["step"], [f]) for f in files] if request.run_dir
-              else [("concepts", None, files)] if files else [])
-    blocks, evaluated = [], None
-    for i, (label, step, group) in enumerate(groups):
-        session.unload()  # the next file may hold the same names (a run's step files)
-        names = [n for f in group for n in session.load(f)]
-        targets = load_targets(folders, names)
-        evaluated = evaluated or targets
-        last = i == len(groups) - 1
-        rows = {}
-        for name, t in targets.items():
-            log(f"eval: {label} {name}")
-            grid = name if last else f"{name}_{label}"
-            rows[name] = ev.evaluate(t, PERSONAL, grid)
-        blocks.append(_block(PERSONAL, label, step, group, rows))
-    if request.baselines:
+    with atomic_directory(out, overwrite=request.overwrite, kind="eval", inputs=inputs) as tmp:
+        grids = tmp / "grids"
+        ev = Evaluator(session, settings, clip=clip, dino=dino, grids=grids)
+        groups = ([(f.stem, records[str(f)]["step"], [f]) for f in files] if request.run_dir
+                  else [("concepts", None, files)] if files else [])
+        blocks, evaluated = [], None
+        for i, (label, step, group) in enumerate(groups):
+            session.unload()  # the next file may hold the same names (a run's step files)
+            names = [n for f in group for n in session.load(f)]
+            targets = load_targets(folders, names)
+            evaluated = evaluated or targets
+            last = i == len(groups) - 1
+            rows = {}
+            for name, t in targets.items():
+                log(f"eval: {label} {name}")
+                grid = name if last else f"{name}_{label}"
+                rows[name] = ev.evaluate(t, PERSONAL, grid)
+            blocks.append(_block(PERSONAL, label, step, group, rows))
+        if request.baselines:
+            targets = evaluated if evaluated is not None else load_targets(folders)
+            with session.concepts_disabled():  # the untrained base: no concept rows at all
+                for method in settings.baselines:
+                    rows = {}
+                    for name, t in targets.items():
+                        log(f"eval: base ({method}) {name}")
+                        rows[name] = ev.evaluate(t, method, f"{name}_base-{method}")
+                    blocks.append(_block(method, "base", None, [], rows))
+        session.unload()
         targets = evaluated if evaluated is not None else load_targets(folders)
-        with session.concepts_disabled():  # the untrained base: no concept rows at all
-            for method in settings.baselines:
-                rows = {}
-                for name, t in targets.items():
-                    log(f"eval: base ({method}) {name}")
-                    rows[name] = ev.evaluate(t, method, f"{name}_base-{method}")
-                blocks.append(_block(method, "base", None, [], rows))
-    session.unload()
-    targets = evaluated if evaluated is not None else load_targets(folders)
-    result = {
-        "settings": {**dataclasses.asdict(settings), "generation": request.generation,
-                     "templates": ev.templates if request.generation else [], "device": device},
-        "config": dataclasses.asdict(cfg),
-        "models": {"backbone": cfg.backbone.path, "decoder": cfg.decoder.path, "connector": cfg.connector.path,
-                   "fingerprints": session.model.fingerprints},
-        "concept_files": records,
-        "data": {n: {"folder": str(t.folder), **t.counts(), "notes": t.notes} for n, t in targets.items()},
-        "results": blocks,
-    }
-    final = [b for b in blocks if b["method"] == PERSONAL]
-    if final:
-        result["concepts"], result["mean"] = final[-1]["concepts"], final[-1]["mean"]
-    report.write_all(result, out, curves=bool(request.run_dir))
+        result = {
+            "settings": {**dataclasses.asdict(settings), "generation": request.generation,
+                         "templates": ev.templates if request.generation else [], "device": device},
+            "config": dataclasses.asdict(cfg),
+            "models": {"backbone": cfg.backbone.path, "decoder": cfg.decoder.path, "connector": cfg.connector.path,
+                       "fingerprints": session.model.fingerprints},
+            "concept_files": records,
+            "data": {n: {"folder": str(t.folder), **t.counts(), "notes": t.notes} for n, t in targets.items()},
+            "results": blocks,
+        }
+        final = [b for b in blocks if b["method"] == PERSONAL]
+        if final:
+            result["concepts"], result["mean"] = final[-1]["concepts"], final[-1]["mean"]
+        report.write_all(result, tmp, curves=bool(request.run_dir))
     return result

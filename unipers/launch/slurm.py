@@ -220,7 +220,7 @@ def render(job: SlurmJob, evaluate: bool = False, generation: bool = True) -> st
     if evaluate:
         lines += ['if [ -f "$OUT/concepts/last.safetensors" ]; then',
                   '  srun --nodes=1 --ntasks=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" python -m unipers.cli eval \\',
-                  '    --concept "$OUT/concepts/last.safetensors" --data "${DATA[@]}" --out "$OUT/eval" \\',
+                  '    --concept "$OUT/concepts/last.safetensors" --data "${DATA[@]}" --out "$OUT/eval" --overwrite \\',
                   '    --config "$RUN/config.yaml"' + ("" if generation else " --no-generation"), "fi"]
     return "\n".join(lines) + "\n"
 

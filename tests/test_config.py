@@ -80,3 +80,22 @@ def test_command_line_items_split_into_configs_and_overrides_in_order(tmp_path, 
     assert split_config_args(items) == (["personalize", "backbone/anole-7b", "site=a.yaml"], ["seed=1", "bank.num_gen=2"])
     cfg = load_config(*split_config_args(items))
     assert cfg.seed == 1 and cfg.bank.num_gen == 2 and cfg.backbone.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.lr=1e30", "trainer.lr"), ("trainer.lr=nan", "trainer.lr"), ("trainer.lr=0", "trainer.lr"),
+    ("data.batch_size=0", "data.batch_size"), ("trainer.devices=0", "trainer.devices"),
+    ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches"),
+    ("trainer.max_steps=-1", "trainer.max_steps"), ("trainer.gradient_clip_val=inf", "trainer.gradient_clip_val"),
+    ("eval.guidance=nan", "eval.guidance"), ("eval.steps=0", "eval.steps"),
+    ("bank.num_und=1000000000", "bank.num_und"), ("bank.init_noise=-1", "bank.init_noise"),
+    ("data.task_weights.qa=-1", "data.task_weights.qa"), ("connector.num_heads=0", "connector.num_heads"),
+    ("align.caption_dropout=2", "align.caption_dropout"), ("personalize.decision_weight=0", "personalize.decision_weight"),
+])
+def test_a_number_out_of_its_range_fails_at_load_naming_the_key(override, key, unipers_cli, one_line_error, tmp_path):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config([], [override])
+    code, _, err = unipers_cli("train", "personalize", override, f"run_dir={tmp_path / 'run'}")
+    assert code == 2
+    one_line_error(err, key)
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,23 @@ class GenerationSettings:
         return asdict(self)
 
 
+MODEL_SECTIONS = ("backbone", "decoder", "connector")
+"""The config sections that pick the models an image was drawn with; a sidecar records them as ``models``."""
+
+
+def model_settings(cfg) -> dict:
+    """The model sections of `cfg` as a sidecar records them: every field, with model paths made absolute
+    ("tiny" stays), so ``--from-sidecar`` rebuilds the same models from any folder."""
+    from dataclasses import asdict
+
+    sections = {name: asdict(getattr(cfg, name)) for name in MODEL_SECTIONS}
+    for section in sections.values():
+        path = section.get("path")
+        if path and path != "tiny":
+            section["path"] = str(Path(path).expanduser().absolute())
+    return sections
+
+
 class SavedImages(list):
     """The image paths, in the order of the images; ``.grid`` is the grid's path."""
 
@@ -80,8 +97,11 @@ def _candidates(stem: str) -> Iterator[str]:
         n += 1
 
 
-def save_images(output: "GenerationOutput", out_dir: str | os.PathLike, fingerprints: dict[str, str]) -> SavedImages:
-    """PNG + JSON sidecar per image, and a grid for the call, under fresh names (see the module's doc)."""
+def save_images(output: "GenerationOutput", out_dir: str | os.PathLike, fingerprints: dict[str, str],
+                models: Optional[dict] = None) -> SavedImages:
+    """PNG + JSON sidecar per image, and a grid for the call, under fresh names (see the module's doc).
+    A sidecar holds the settings, the models' `fingerprints` and, given `models` (``model_settings(cfg)``),
+    the config sections that load those models again."""
     from torchvision.utils import make_grid, save_image
 
     from unipers import __version__
@@ -89,8 +109,9 @@ def save_images(output: "GenerationOutput", out_dir: str | os.PathLike, fingerpr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = SavedImages()
+    extra = {"models": models} if models is not None else {}
     for image, s in zip(output.tensors, output.settings):
-        sidecar = json.dumps({**s.to_dict(), "fingerprints": fingerprints, "unipers_version": __version__},
+        sidecar = json.dumps({**s.to_dict(), **extra, "fingerprints": fingerprints, "unipers_version": __version__},
                              indent=2) + "\n"
         for stem in _candidates(f"{slug(s.prompt)}_seed{s.seed}"):
             png, side = out / f"{stem}.png", out / f"{stem}.json"

@@ -25,6 +25,55 @@ from unipers.models.fingerprint import config_fields, fingerprint
 
 IGNORE_INDEX = -100
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_BF16_ENV = "UNIPERS_CPU_BF16"
+"""1 keeps a config's bfloat16 on a CPU, 0 loads float32 instead; unset, `cpu_bf16_supported` decides."""
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this process's CPU kernels run bfloat16 natively: AVX512-BF16 or AMX on x86 (and ATen
+    dispatching at AVX-512, not at AVX2 as ``ATEN_CPU_CAPABILITY=avx2`` forces), or what oneDNN counts
+    as bf16 support on other CPUs. Without them every bf16 op converts element by element."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("DEFAULT", "NO AVX", "AVX2"):
+        return False
+    if capability.startswith("AVX512"):
+        return any(bool(getattr(torch.cpu, probe, lambda: False)())
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def runs_on_cpu() -> bool:
+    """Models built here run on the CPU: no CUDA device. (An explicit ``--device cpu`` on a GPU machine
+    is not known when the weights load, and keeps the config's dtype.)"""
+    return not torch.cuda.is_available()
+
+
+def load_dtypes(requested: dict[str, str]) -> dict[str, str]:
+    """The dtypes to load with, for config keys (``{"backbone.dtype": "bfloat16", ...}``).
+
+    bfloat16 on a CPU without bf16 kernels loads as float32, with one line on stderr saying so. Not a
+    refusal: emulated bf16 is about a hundred times slower (45 minutes per 512 px VQ encode), so float32
+    is the only useful choice there, and the shipped real-checkpoint configs ask for bf16; refusing would
+    make every CPU user add the same two overrides. float32 keeps the fingerprints (sampled at bf16), so
+    concept files and connectors load either way; the cost, twice the weights' memory, is in the line.
+    ``UNIPERS_CPU_BF16=1`` keeps bf16 (a CPU the check misjudges), ``=0`` always falls back."""
+    import os
+    import sys
+
+    wanted = [k for k, v in requested.items() if v == "bfloat16"]
+    if not wanted or not runs_on_cpu():
+        return dict(requested)
+    override = os.environ.get(CPU_BF16_ENV, "").strip()
+    if override not in ("", "0", "1"):
+        from unipers.schema import ConfigError
+
+        raise ConfigError(f"{CPU_BF16_ENV}={override!r}: use 1 (keep bfloat16 on the CPU) or 0 (load float32)")
+    if override == "1" or (override == "" and cpu_bf16_supported()):
+        return dict(requested)
+    print(f"unipers: {' and '.join(k + '=bfloat16' for k in wanted)} load as float32: this CPU has no bfloat16 "
+          f"kernels (emulated bf16 is ~100x slower; float32 takes twice the memory); {CPU_BF16_ENV}=1 keeps "
+          "bfloat16", file=sys.stderr, flush=True)
+    return {k: "float32" if k in wanted else v for k, v in requested.items()}
 
 
 def positions_from_mask(attention_mask: Tensor) -> Tensor:

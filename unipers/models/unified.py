@@ -84,18 +84,20 @@ class UnifiedModel(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "UnifiedModel":
         """Build from a `unipers.config.Config`: local folders only ("tiny" = embedded preset)."""
+        from unipers.models.backbone import DTYPES, load_dtypes
         from unipers.models.tiny import resolve_path
 
+        # bfloat16 on a CPU without bf16 kernels loads as float32 (load_dtypes says why, and prints it).
+        dtypes = load_dtypes({"backbone.dtype": cfg.backbone.dtype, "decoder.dtype": cfg.decoder.dtype})
         layout = SlotLayout(cfg.bank.num_shared, cfg.bank.num_und, cfg.bank.num_gen)
         backbone = ARBackbone.from_pretrained(
-            resolve_path(cfg.backbone.path, "backbone"), dtype=cfg.backbone.dtype,
+            resolve_path(cfg.backbone.path, "backbone"), dtype=dtypes["backbone.dtype"],
             attn_implementation=cfg.backbone.attn_implementation, layout=layout, head_rows=cfg.bank.head_rows,
             gradient_checkpointing=cfg.backbone.gradient_checkpointing,
         )
-        from unipers.models.backbone import DTYPES
-
         decoder = DiffusionDecoder.from_pretrained(
-            resolve_path(cfg.decoder.path, "decoder"), dtype=DTYPES[cfg.decoder.dtype], attention=cfg.decoder.attention
+            resolve_path(cfg.decoder.path, "decoder"), dtype=DTYPES[dtypes["decoder.dtype"]],
+            attention=cfg.decoder.attention,
         )
         c = cfg.connector
         if c.path:

@@ -73,7 +73,11 @@ class PersonalizeLoss:
     @staticmethod
     def combine(total: Tensor, sums: dict[str, Tensor], reduced: Tensor, weights, world: int) -> tuple[Tensor, dict]:
         """Add each term to `total` as weight x sum / global count x world size. `reduced` holds the global
-        counts, then the global sums (for the logs), in `sums`' order."""
+        counts, then the global sums (for the logs), in `sums`' order.
+
+        `logs` holds ``train/<term>`` only for terms with samples on some rank this step (global count > 0):
+        a step without a generation sample has no ``train/diffusion``, not a made-up 0. The choice rests on
+        the all-reduced counts, so every rank logs the same keys at the same step."""
         names, logs = list(sums), {}
         for i, name in enumerate(names):
             n_global = reduced[i].clamp(min=1)

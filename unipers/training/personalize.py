@@ -86,8 +86,22 @@ class PersonalizeModule(L.LightningModule):
                                 f"(trainer.lr={self.lr:g}); nothing of this step was saved")
         total, logs = self.loss.combine(total, sums, reduced, weights, self.world)
         logs["train/stage"] = float(self.schedule.index_at(step))
-        self.log_dict(logs, prog_bar=True, batch_size=len(batch["concepts"]))
+        self._log_step(logs, batch_size=len(batch["concepts"]))
         return total
+
+    def _log_step(self, logs: dict, batch_size: int) -> None:
+        """Log this step's terms, and only them. Lightning keeps a step metric's last value until the epoch
+        ends and writes it again at every later step that did not log it: a term absent from this step (no
+        generation sample, say) would repeat an old loss in metrics.csv. So the stale entries are dropped
+        first. `combine` picks the terms from all-reduced counts, so every rank logs (and drops) the same
+        keys at the same step, and nothing here is a collective."""
+        results = getattr(self.trainer, "_results", None) if self._trainer is not None else None
+        if results is not None:
+            for metric in results.values():
+                meta = metric.meta
+                if meta.fx == "training_step" and meta.name.startswith("train/") and meta.name not in logs:
+                    metric.reset()  # leaves the logged set until the term is logged again
+        self.log_dict(logs, prog_bar=True, batch_size=batch_size)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         self.model.bank.drop_gradients(keep=self.schedule.at(self.global_step).train)

@@ -20,7 +20,7 @@ setup(
     # installed wheel loads `load_config(["personalize"])` without a checkout.
     packages=find_packages(include=["unipers", "unipers.*"]) + ["unipers.configs"],
     package_dir={"unipers.configs": "configs"},
-    package_data={"unipers.configs": ["*.yaml", "*/*.yaml"]},
+    package_data={"unipers.configs": ["*.yaml", "*/*.yaml"], "unipers.models": ["presets/*.json", "presets/*.md"]},
     install_requires=[
         # A matching pair: the registry's default (CUDA) builds also run on CPU-only machines, and
         # torchvision's operators do not load against the CPU-only torch 2.13 wheel (DESIGN.md).

@@ -2,6 +2,8 @@
 rows (the base and every other concept stay bit-identical).
 
     unipers tiny [--out DIR] [--force] [--check]        # DIR: default $UNIPERS_HOME/tiny
+    unipers tiny --preset anole-7b --layers 1 --out DIR   # random weights at a published shape (realshape.py)
+    unipers tiny --preset sd15 --out DIR
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from unipers.models.realshape import PRESETS  # names only: realshape imports torch inside its builders
 from unipers.models.tiny import ensure_tiny
 from unipers.paths import cache_dir
 
@@ -18,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
     parser.add_argument("--check", action="store_true",
                         help="then train one concept a few steps with both losses and verify only its rows moved")
+    parser.add_argument("--preset", default=None, choices=PRESETS,
+                        help="instead of the tiny models: random weights at this published shape, into --out")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="with --preset: decoder layers of a backbone (default 1), or a UNet's "
+                             "layers_per_block (default: as published)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+                        help="with --preset: the dtype the weights are saved in")
 
 
 def check(steps: int = 5, seed: int = 0) -> dict:
@@ -57,7 +67,23 @@ def check(steps: int = 5, seed: int = 0) -> dict:
             "trainable": sum(p.numel() for p in model.trainable_parameters())}
 
 
+def main_preset(args: argparse.Namespace) -> int:
+    from unipers.io import atomic_directory
+    from unipers.models.realshape import build_realshape
+
+    if not args.out:
+        raise ValueError("--preset needs --out DIR (a 7B-wide folder does not go into the tiny cache)")
+    if args.check:
+        raise ValueError("--check runs on the tiny models; run `unipers train` on a --preset folder instead")
+    with atomic_directory(args.out, overwrite=args.force, kind="realshape", flag="--force") as tmp:
+        build_realshape(tmp, args.preset, layers=args.layers, dtype=args.dtype)
+    print(f"{args.preset} (random weights, layers={args.layers or 'default'}, {args.dtype}): {args.out}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.preset:
+        return main_preset(args)
     ar_dir, dec_dir = ensure_tiny(args.out, force=args.force)
     print(f"tiny backbone: {ar_dir}\ntiny decoder:  {dec_dir}")
     if args.check:

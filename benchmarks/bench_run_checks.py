@@ -10,7 +10,8 @@ side by side with the same training without them.
 2. **Whole steps, with and without**: the embedded tiny model personalized for ``--steps`` steps through
    ``unipers.training.run.train`` twice per repeat, alternating A B A B: once as shipped, once with
    ``PersonalizeModule.optimizer_step`` replaced by Lightning's own (no row check) and the loss check
-   bypassed. Median seconds per step from step 5 on (the first steps compile and warm caches).
+   bypassed, in the order A B, B A, ... Median seconds per step from step 5 on (the first steps warm
+   caches).
 
 Prints a markdown table; JSON in benchmarks/results/run_checks.json.
 """
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         concepts = prepared(tmp)
         for r in range(args.repeats):
-            for arm in arms:
+            for arm in (list(arms) if r % 2 == 0 else list(arms)[::-1]):  # A B, B A: neither always first
                 arms[arm].append(run_steps(concepts, tmp / f"run_{arm.replace(' ', '_')}_{r}", args.steps, arm == "with checks"))
     step = {arm: statistics.median(v) for arm, v in arms.items()}
     print("\n| row check (non_finite_concepts) | µs per step |\n|---|---|")

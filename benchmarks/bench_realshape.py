@@ -10,9 +10,12 @@ saved tensors and FLOPs are exact, and nothing is computed, so the whole recipe 
 * activations: bytes autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``), with the
   frozen weights (and views of them) excluded, for one decoder layer at batch 1/2/4 and for the whole UNet;
   with gradient checkpointing a layer keeps only its input, and one layer's activations exist at a time
-  while it is recomputed;
+  while it is recomputed. The UNet is also measured as ``decoder.gradient_checkpointing`` runs it
+  (diffusers' checkpointing with unipers' checkpoint function): what autograd then saves (the checkpointed
+  blocks' inputs and the ops outside them) plus the largest block's recompute;
 * FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over forward + backward to the inputs (the base is
-  frozen, so there are no weight gradients; checkpointing adds one more forward).
+  frozen, so there are no weight gradients; checkpointing adds one more forward, counted as it runs for
+  the UNet).
 
 The full step is then composed: 32 layers of the understanding sequence (an image of 1,024 tokens and ~80
 tokens of prompt and answer), a short generation prompt, and the UNet forward + backward at 64x64 latents
@@ -119,9 +122,10 @@ def ar_rest() -> dict:
             "params_vq": sum(p.numel() for p in model.model.vqmodel.parameters())}
 
 
-def unet(batch: int, text_len: int = GEN_LEN) -> dict:
+def unet(batch: int, text_len: int = GEN_LEN, checkpointing: bool = False) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from unipers.models.decoder import _checkpoint
     from unipers.models.realshape import load_preset
 
     spec = load_preset("sd15")
@@ -142,50 +146,88 @@ def unet(batch: int, text_len: int = GEN_LEN) -> dict:
     def step():
         forward().float().pow(2).mean().backward()
 
-    return {"params": sum(p.numel() for p in frozen), "params_vae": sum(p.numel() for p in vae.parameters()),
-            "saved_bytes": _saved_bytes(forward, frozen), "flops_fwd_bwd": _flops(step), "flops_fwd": _flops(forward)}
+    result = {"params": sum(p.numel() for p in frozen), "params_vae": sum(p.numel() for p in vae.parameters())}
+    if checkpointing:
+        # Pass 1 only records what each checkpointed block saves when backward recomputes it: the nested
+        # hooks of _saved_bytes take precedence, so the throwaway graph never reaches pass 2's count.
+        blocks: list[int] = []
+
+        def recording(module, *args):
+            blocks.append(_saved_bytes(lambda: module(*args), frozen))
+            return _checkpoint(module, *args)
+
+        model.enable_gradient_checkpointing(recording)
+        forward()
+        model.enable_gradient_checkpointing(_checkpoint)
+        result.update(checkpointed_blocks=len(blocks), block_peak_bytes=max(blocks))
+    # With checkpointing on, the count includes the blocks' inputs: the checkpoint saves them for backward.
+    result.update(saved_bytes=_saved_bytes(forward, frozen), flops_fwd_bwd=_flops(step), flops_fwd=_flops(forward))
+    return result
+
+
+# Which models checkpoint: none, decoder.gradient_checkpointing, backbone.gradient_checkpointing, both.
+VARIANTS = {"none": (False, False), "unet": (False, True), "backbone": (True, False), "both": (True, True)}
 
 
 def recipe(measured: dict, mfu: float) -> list[dict]:
+    """Per batch and variant: activations and FLOPs; per GPU class, the fastest variant that fits.
+
+    With both switches the backbone's and the UNet's one-block recompute are both counted, though backward
+    recomputes one block at a time: an upper bound by the smaller of the two."""
     rest, rows = measured["ar_rest"], []
     weights = 2 * (rest["params_total_1_layer"] + (LAYERS - 1) * rest["params_layer"]
                    + measured["unet"]["1"]["params"] + measured["unet"]["1"]["params_vae"])
     for b in BATCHES:
         und, gen, u = measured["ar_und"][str(b)], measured["ar_gen"][str(b)], measured["unet"][str(b)]
-        act_plain = LAYERS * (und["saved_bytes"] + gen["saved_bytes"]) + u["saved_bytes"]
-        act_ckpt = (LAYERS * (und["input_bytes"] + gen["input_bytes"]) + und["saved_bytes"] + gen["saved_bytes"]
-                    + u["saved_bytes"])
-        flops_plain = LAYERS * (und["flops_fwd_bwd"] + gen["flops_fwd_bwd"]) + u["flops_fwd_bwd"]
-        flops_ckpt = flops_plain + LAYERS * (und["flops_fwd"] + gen["flops_fwd"])
-        row = {"batch": b, "weights_gb": weights / GB, "act_gb": act_plain / GB, "act_ckpt_gb": act_ckpt / GB,
-               "unet_act_gb": u["saved_bytes"] / GB, "tflop_step": flops_plain / 1e12,
-               "tflop_step_ckpt": flops_ckpt / 1e12, "gpus": {}}
+        uc = measured["unet_ckpt"][str(b)]
+        ar_act = {False: LAYERS * (und["saved_bytes"] + gen["saved_bytes"]),
+                  True: LAYERS * (und["input_bytes"] + gen["input_bytes"]) + und["saved_bytes"] + gen["saved_bytes"]}
+        unet_act = {False: u["saved_bytes"], True: uc["saved_bytes"] + uc["block_peak_bytes"]}
+        ar_flops = {False: LAYERS * (und["flops_fwd_bwd"] + gen["flops_fwd_bwd"]),
+                    True: LAYERS * (und["flops_fwd_bwd"] + gen["flops_fwd_bwd"] + und["flops_fwd"] + gen["flops_fwd"])}
+        unet_flops = {False: u["flops_fwd_bwd"], True: uc["flops_fwd_bwd"]}
+        variants = {}
+        for v, (ar, un) in VARIANTS.items():
+            act, flops = ar_act[ar] + unet_act[un], ar_flops[ar] + unet_flops[un]
+            variants[v] = {"act_gb": act / GB, "need_gb": (weights + act) / GB + OVERHEAD_GB,
+                           "tflop_step": flops / 1e12}
+        row = {"batch": b, "weights_gb": weights / GB, "unet_act_gb": unet_act[False] / GB,
+               "unet_act_ckpt_gb": unet_act[True] / GB, "variants": variants, "gpus": {}}
         for name, gpu in GPUS.items():
-            need, need_ckpt = (weights + act_plain) / GB + OVERHEAD_GB, (weights + act_ckpt) / GB + OVERHEAD_GB
-            ckpt = need > gpu["memory_gb"]
+            fits = {v: variants[v]["need_gb"] <= gpu["memory_gb"] for v in variants}
+            fitting = sorted((v for v in variants if fits[v]), key=lambda v: variants[v]["tflop_step"])
             row["gpus"][name] = {
-                "need_gb": need, "need_ckpt_gb": need_ckpt, "fits": need <= gpu["memory_gb"],
-                "fits_ckpt": need_ckpt <= gpu["memory_gb"],
-                "s_per_step": (flops_ckpt if ckpt else flops_plain) / (gpu["peak_tflops"] * 1e12 * mfu)}
+                "fits": fits, "fastest_fitting": fitting[0] if fitting else None,
+                "s_per_step": {v: variants[v]["tflop_step"] / (gpu["peak_tflops"] * mfu) for v in variants}}
         rows.append(row)
     return rows
 
 
+CKPT_NAMES = {"none": "no ckpt", "unet": "UNet ckpt", "backbone": "backbone ckpt", "both": "both ckpt"}
+
+
 def table(rows: list[dict], mfu: float) -> str:
     names = list(GPUS)
-    head = ("| batch | weights bf16 | activations (no ckpt / ckpt; UNet part) | TFLOP per step (no ckpt / ckpt) | "
-            + " | ".join(f"{n}: fits? s/step at {mfu:.0%} MFU" for n in names) + " |")
+    order = " / ".join(VARIANTS)
+    head = (f"| batch | weights bf16 | activations: {order} (UNet part: plain / ckpt) | TFLOP per step: {order} | "
+            + " | ".join(f"{n}: both ckpt (shipped configs); the fastest that fits, s/step at {mfu:.0%} MFU"
+                         for n in names) + " |")
     lines = [head, "|" + "---|" * (4 + len(names))]
     for r in rows:
+        v = r["variants"]
         cells = []
         for n in names:
             g = r["gpus"][n]
-            fit = "yes" if g["fits"] else ("with ckpt" if g["fits_ckpt"] else "no")
-            cells.append(f"{fit} ({g['need_gb']:.1f} / {g['need_ckpt_gb']:.1f} GB), {g['s_per_step']:.2f} s"
-                         if fit != "no" else f"no ({g['need_ckpt_gb']:.1f} GB with ckpt)")
-        lines.append(f"| {r['batch']} | {r['weights_gb']:.1f} GB | {r['act_gb']:.1f} / {r['act_ckpt_gb']:.1f} GB "
-                     f"({r['unet_act_gb']:.1f}) | {r['tflop_step']:.1f} / {r['tflop_step_ckpt']:.1f} | "
-                     + " | ".join(cells) + " |")
+            best = g["fastest_fitting"]
+            cell = (f"{v['both']['need_gb']:.1f} GB, {g['s_per_step']['both']:.2f} s" if g["fits"]["both"]
+                    else f"no ({v['both']['need_gb']:.1f} GB)")
+            if best not in (None, "both"):
+                cell += f"; {CKPT_NAMES[best]}: {v[best]['need_gb']:.1f} GB, {g['s_per_step'][best]:.2f} s"
+            cells.append(cell)
+        lines.append(f"| {r['batch']} | {r['weights_gb']:.1f} GB | "
+                     + " / ".join(f"{v[k]['act_gb']:.1f}" for k in VARIANTS)
+                     + f" GB ({r['unet_act_gb']:.1f} / {r['unet_act_ckpt_gb']:.1f}) | "
+                     + " / ".join(f"{v[k]['tflop_step']:.1f}" for k in VARIANTS) + " | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -197,7 +239,8 @@ def main(argv=None) -> int:
     measured = {"ar_rest": ar_rest(),
                 "ar_und": {str(b): ar_layer(b, UND_LEN) for b in BATCHES},
                 "ar_gen": {str(b): ar_layer(b, GEN_LEN) for b in BATCHES},
-                "unet": {str(b): unet(b) for b in BATCHES}}
+                "unet": {str(b): unet(b) for b in BATCHES},
+                "unet_ckpt": {str(b): unet(b, checkpointing=True) for b in BATCHES}}
     rows = recipe(measured, args.mfu)
     print(f"Anole-7B ({LAYERS} layers) + SD1.5 personalize step: understanding sequence {UND_LEN} tokens, "
           f"generation prompt {GEN_LEN}, 512 px; bf16; +{OVERHEAD_GB} GB CUDA context\n")

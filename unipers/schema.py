@@ -48,6 +48,8 @@ class DecoderConfig:
     """Weights dtype: float32, bfloat16 or float16."""
     attention: str = "sdpa"
     """UNet attention: sdpa (PyTorch, default) or xformers (GPU only)."""
+    gradient_checkpointing: bool = False
+    """Recompute the frozen UNet's activations in the backward pass (most of the diffusion loss's memory)."""
 
     def __post_init__(self) -> None:
         _check_choice("decoder.dtype", self.dtype, DTYPES)

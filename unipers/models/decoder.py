@@ -35,6 +35,11 @@ class DiffusionDecoder(nn.Module):
     Frozen by construction: no parameter requires grad and ``train()`` keeps it in eval mode (Lightning
     calls ``train()`` on the whole module tree), yet gradients flow through it to the conditioning.
     ``self.scheduler`` holds the training schedule and is never stepped: each ``sample`` call builds its own.
+
+    ``gradient_checkpointing=True``: the UNet's resnets and transformer blocks keep only their inputs for
+    backward and recompute the rest there. diffusers (0.40, 0.42) checkpoints whenever grad is enabled and
+    the flag is set, whatever ``training`` says, so the UNet stays entirely in eval (dropout off);
+    tests/models/test_decoder_checkpointing.py fails if a release starts to require training mode.
     """
 
     def __init__(self, vae: nn.Module, unet: nn.Module, scheduler) -> None:
@@ -47,7 +52,7 @@ class DiffusionDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        attention: str = "sdpa") -> DiffusionDecoder:
+                        attention: str = "sdpa", gradient_checkpointing: bool = False) -> DiffusionDecoder:
         import diffusers
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -75,6 +80,8 @@ class DiffusionDecoder(nn.Module):
             unet.enable_xformers_memory_efficient_attention()
         else:
             unet.set_attn_processor(AttnProcessor2_0())
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing(_checkpoint)
         return cls(vae, unet, scheduler)
 
     def train(self, mode: bool = True) -> DiffusionDecoder:
@@ -251,6 +258,15 @@ class DiffusionDecoder(nn.Module):
                 pred = pred_uncond + guidance * (pred_cond - pred_uncond)
             latents = sampler.step(pred.float(), t, latents, generator=step_generator).prev_sample
         return self.decode_latents(latents)
+
+
+def _checkpoint(module: nn.Module, *args):
+    """diffusers' default checkpoint function, spelled out so no diffusers release can swap it: non-reentrant
+    (the reentrant one warns on the first blocks, whose inputs do not depend on the conditioning), and at
+    module level so the UNet still pickles."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(module.__call__, *args, use_reentrant=False)
 
 
 def _randint(high: int, batch: int, generator: Generators, device: torch.device) -> Tensor:

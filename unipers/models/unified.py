@@ -97,7 +97,7 @@ class UnifiedModel(nn.Module):
         )
         decoder = DiffusionDecoder.from_pretrained(
             resolve_path(cfg.decoder.path, "decoder"), dtype=DTYPES[dtypes["decoder.dtype"]],
-            attention=cfg.decoder.attention,
+            attention=cfg.decoder.attention, gradient_checkpointing=cfg.decoder.gradient_checkpointing,
         )
         c = cfg.connector
         if c.path:

@@ -84,3 +84,23 @@ def rs_concept(tmp_path_factory):
     facts = root / "facts.txt"
     facts.write_text("<bo> has a red collar.\n")
     return prepare_concept(photos, "bo", root / "bo", class_word="dog", facts=facts)
+
+
+@pytest.fixture(scope="session")
+def unipers_cli_session():
+    """`unipers_cli` without capsys (a session fixture cannot use it): output is captured by redirecting."""
+    import contextlib
+    import io
+
+    from unipers.cli import main
+
+    def run(*args):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+        return code, out.getvalue(), err.getvalue()
+
+    return run

@@ -42,26 +42,6 @@ def trained(rs_dirs, rs_models, rs_concept, tmp_path_factory, unipers_cli_sessio
     return run / "concepts" / "last.safetensors", run, before
 
 
-@pytest.fixture(scope="module")
-def unipers_cli_session():
-    """`unipers_cli` without capsys (a module fixture cannot use it): output is captured by redirecting."""
-    import contextlib
-    import io
-
-    from unipers.cli import main
-
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else 1
-        return code, out.getvalue(), err.getvalue()
-
-    return run
-
-
 def test_the_folders_have_the_published_shapes(rs_dirs):
     from transformers import AutoProcessor, ChameleonConfig
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-_T0 = time.monotonic()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,17 +33,30 @@ def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+_START: list[float] = []  # when the tier's first test that runs began
+
+
+def _runs(item) -> bool:
+    return HERE in Path(str(item.fspath)).parents and item.get_closest_marker("skip") is None
+
+
+def pytest_runtest_setup(item):
+    if _runs(item) and not _START:
+        _START.append(time.monotonic())
+
+
 def pytest_runtest_teardown(item):
-    if HERE in Path(str(item.fspath)).parents:
-        _PEAKS.append((item.name, time.monotonic() - _T0, _peak_gib()))
+    if _runs(item):
+        _PEAKS.append((item.name, time.monotonic() - _START[0], _peak_gib()))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _PEAKS:
+    if not _PEAKS:  # the tier did not run (skipped by default)
         return
     for name, seconds, peak in _PEAKS:
         terminalreporter.write_line(f"  {name}: done at {seconds:.0f} s, peak RSS so far {peak:.2f} GiB")
-    terminalreporter.write_line(f"realshape tier: wall {time.monotonic() - _T0:.0f} s, peak RSS {_peak_gib():.2f} GiB")
+    terminalreporter.write_line(f"realshape tier: wall {_PEAKS[-1][1]:.0f} s, peak RSS {_peak_gib():.2f} GiB "
+                                "(the process's, since it started)")
 
 
 @pytest.fixture(scope="session")

@@ -70,7 +70,8 @@ def test_export_refuses_an_out_that_holds_its_base(tmp_path, concept_files, tiny
 
 def test_a_folder_unipers_wrote_is_replaced_only_with_the_flag(workspace, unipers_cli, tree_digest):
     code, _, err = unipers_cli("prepare", "photos", "--name", "bo", "--out", "data/bo")
-    assert code == 0, err and (workspace / "data" / "bo" / MARKER).is_file()
+    assert code == 0, err
+    assert (workspace / "data" / "bo" / MARKER).is_file()
     first = tree_digest(workspace / "data")
     code, _, err = unipers_cli("prepare", "photos", "--name", "bo", "--out", "data/bo")
     assert code == 2 and "--overwrite" in err and tree_digest(workspace / "data") == first
@@ -122,7 +123,8 @@ def test_eval_writes_a_new_folder_and_replaces_only_its_own(workspace, concept_f
         one_line_error(err, str(Path(out).absolute()))
     assert tree_digest(workspace.parent) == before
     code, _, err = unipers_cli(*args, "--out", "ev")
-    assert code == 0, err and (workspace / "ev" / "metrics.json").is_file()
+    assert code == 0, err
+    assert (workspace / "ev" / "metrics.json").is_file() and (workspace / "ev" / MARKER).is_file()
     code, _, err = unipers_cli(*args, "--out", "ev")
     assert code == 2 and "--overwrite" in err
     code, _, err = unipers_cli(*args, "--out", "ev", "--overwrite")

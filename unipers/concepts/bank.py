@@ -10,6 +10,9 @@ Two facts (measured on this stack) shape this file:
 - Every (concept, group) is its own Parameter and only groups whose tokens occur in a batch enter the
   graph. With ``zero_grad(set_to_none=True)`` their ``.grad`` stays None, so AdamW (weight decay and
   momentum included) skips them: a concept absent from a batch stays bit-identical.
+- Only the concepts a prompt names cost anything: embedding looks up the concepts whose ids occur, and the
+  head adds columns for the concepts present in the batch alone (`columns`). A prompt's outputs are then
+  bit-identical whatever else is loaded, and 1,000 loaded concepts cost what one does.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ class ConceptBank(nn.Module):
         self.head_rows = head_rows
         self.rows = nn.ModuleDict()
         self.info: dict[str, ConceptInfo] = {}
+        self._index: dict = {}  # what `num_tokens` and `concept_index` derive from `info`; emptied on change
 
     # ---- membership -------------------------------------------------------------------------------------
     @property
@@ -122,7 +126,9 @@ class ConceptBank(nn.Module):
     @property
     def num_tokens(self) -> int:
         """Concept tokens after the base vocabulary (the full vocabulary is base_vocab_size + num_tokens)."""
-        return sum(i.layout.total for i in self.info.values())
+        if "num_tokens" not in self._index:  # read on every forward: a sum over 1,000 concepts is not free
+            self._index["num_tokens"] = sum(i.layout.total for i in self.info.values())
+        return self._index["num_tokens"]
 
     def __len__(self) -> int:
         return len(self.info)
@@ -152,6 +158,7 @@ class ConceptBank(nn.Module):
         device = next((p.device for p in self.parameters()), None)
         self.rows[name] = rows.to(device) if device is not None else rows
         self.info[name] = info
+        self._index = {}
         return info
 
     def clear(self) -> None:
@@ -159,6 +166,7 @@ class ConceptBank(nn.Module):
         for name in list(self.info):
             del self.rows[name]
         self.info.clear()
+        self._index = {}
 
     def remove(self, name: str) -> None:
         """Remove one concept. The concepts after it move down to close the gap: prompts read the ids from
@@ -172,6 +180,7 @@ class ConceptBank(nn.Module):
         for info in kept:
             self.info[info.name] = replace(info, first_id=next_id)
             next_id += info.layout.total
+        self._index = {}
 
     @contextmanager
     def disabled(self) -> Iterator[None]:
@@ -186,6 +195,7 @@ class ConceptBank(nn.Module):
             for name, i in info.items():
                 self.rows[name] = rows[name]
                 self.info[name] = i
+            self._index = {}
 
     def concept_rows(self, name: str) -> ConceptRows:
         return self.rows[name]
@@ -211,62 +221,88 @@ class ConceptBank(nn.Module):
                     if group not in keep or p.grad is None or not bool(p.grad.any()):
                         p.grad = None
 
-    def _group_params(self) -> Iterator[tuple[ConceptInfo, str, nn.Parameter, Optional[nn.Parameter]]]:
-        for name, info in self.info.items():
-            rows = self.rows[name]
-            for group, param in rows.embed.items():
-                yield info, group, param, rows.head[group] if group in rows.head else None
+    # ---- ids -> concepts ---------------------------------------------------------------------------------
+    def concept_index(self, ids: Tensor) -> Tensor:
+        """For concept token ids (each ``>= base_vocab_size``), the index of their concept in bank order."""
+        starts = self._index.get("starts")
+        if starts is None or starts.device != ids.device:
+            starts = self._index["starts"] = torch.tensor([i.first_id for i in self.info.values()], dtype=torch.long,
+                                                          device=ids.device)
+        return torch.bucketize(ids, starts, right=True) - 1
+
+    def _concept_ids(self, ids: Tensor) -> Tensor:
+        """The concept token ids in `ids`, each checked to lie inside the bank."""
+        found = ids[ids >= self.base_vocab_size]
+        if found.numel() and int(found.max()) >= self.base_vocab_size + self.num_tokens:
+            raise IndexError(f"token id {int(found.max())} is past the vocabulary ({self.base_vocab_size} + "
+                             f"{self.num_tokens} concept tokens)")
+        return found
 
     # ---- the two splices --------------------------------------------------------------------------------
     def embed(self, ids: Tensor, base: nn.Embedding) -> Tensor:
         """Embeddings for `ids`: base rows below V, concept rows above. Only groups present enter the graph."""
-        vocab = self.base_vocab_size
-        out = base(ids.clamp(max=vocab - 1))
-        is_concept = ids >= vocab
-        if not bool(is_concept.any()):
+        out = base(ids.clamp(max=self.base_vocab_size - 1))
+        used = torch.unique(self._concept_ids(ids))
+        if not used.numel():
             return out
-        used = torch.unique(ids[is_concept])
-        if int(used.max()) >= vocab + self.num_tokens:
-            raise IndexError(f"token id {int(used.max())} is past the vocabulary ({vocab} + {self.num_tokens} concept tokens)")
+        infos = list(self.info.values())
         used_list = used.tolist()
-        for info, group, param, _ in self._group_params():
-            start, end = info.span(group)
-            if not any(start <= u < end for u in used_list):
-                continue
-            sel = (ids >= start) & (ids < end)
-            out = out.index_put(torch.nonzero(sel, as_tuple=True), param[ids[sel] - start].to(out.dtype))
+        for c in torch.unique(self.concept_index(used)).tolist():
+            info = infos[c]
+            for group, param in self.rows[info.name].embed.items():
+                start, end = info.span(group)
+                if not any(start <= u < end for u in used_list):
+                    continue
+                sel = (ids >= start) & (ids < end)
+                out = out.index_put(torch.nonzero(sel, as_tuple=True), param[ids[sel] - start].to(out.dtype))
         return out
 
     def presence(self, ids: Tensor) -> Tensor:
-        """(B, num_concepts) bool: which concepts each sequence mentions. Concept logits exist only there."""
-        cols = [((ids >= i.first_id) & (ids < i.end_id)).any(-1) for i in self.info.values()]
-        if not cols:
-            return torch.zeros(ids.shape[0], 0, dtype=torch.bool, device=ids.device)
-        return torch.stack(cols, -1)
+        """(..., num_concepts) bool for ids (..., L): which concepts each sequence mentions. Concept logits
+        exist only there."""
+        out = torch.zeros(*ids.shape[:-1], len(self.info), dtype=torch.bool, device=ids.device)
+        concept = ids >= self.base_vocab_size
+        if len(self.info) and bool(concept.any()):
+            self._concept_ids(ids)
+            where = concept.nonzero(as_tuple=True)
+            out[(*where[:-1], self.concept_index(ids[where]))] = True
+        return out
+
+    def present(self, presence: Tensor) -> list[int]:
+        """Indices (bank order) of the concepts mentioned anywhere in `presence` (..., num_concepts)."""
+        if not presence.shape[-1]:
+            return []
+        return presence.reshape(-1, presence.shape[-1]).any(0).nonzero().flatten().tolist()
+
+    def columns(self, presence: Tensor) -> Tensor:
+        """The token ids of `head_logits`' columns, ascending: every token of each concept in `presence`."""
+        infos = list(self.info.values())
+        spans = [torch.arange(infos[c].first_id, infos[c].end_id) for c in self.present(presence)]
+        return torch.cat(spans).to(presence.device) if spans else torch.zeros(0, dtype=torch.long, device=presence.device)
 
     def head_logits(self, hidden: Tensor, presence: Tensor) -> Tensor:
-        """Logits of the concept tokens, (..., num_tokens), for `hidden` (..., H).
+        """Logits of the concept tokens for `hidden` (..., H): one column per token of each concept mentioned
+        anywhere in `presence` (ids in `columns(presence)`), so a concept no prompt names adds nothing.
 
-        `presence` (..., num_concepts) must broadcast against hidden's leading dims. A concept gets logits
-        only where its sequence mentions it (else the dtype minimum), so a concept absent from a batch
-        gets no gradient, and outputs do not depend on which other concepts are loaded.
+        `presence` (..., num_concepts) must broadcast against hidden's leading dims. Within the batch a
+        concept gets logits only where its own sequence mentions it (else the dtype minimum), so a concept
+        absent from a sequence gets no gradient from it.
         """
         lead = hidden.shape[:-1]
         low = torch.finfo(hidden.dtype).min
-        out = hidden.new_full((*lead, self.num_tokens), low)
-        offset = self.base_vocab_size
-        for c, (name, info) in enumerate(self.info.items()):
-            here = presence[..., c].expand(lead)
-            if not bool(here.any()):
-                continue
+        infos, blocks = list(self.info.values()), []
+        for c in self.present(presence):
+            info, rows = infos[c], self.rows[infos[c].name]
+            here = presence[..., c].expand(lead)[..., None]
             for group in GROUPS:
-                start, end = info.span(group)
-                if start == end or group not in self.rows[name].head:
+                count = info.layout.count(group)
+                if not count:
                     continue
-                weight = self.rows[name].head[group].to(hidden.dtype)
-                logits = torch.where(here[..., None], hidden @ weight.T, low)
-                out = torch.cat([out[..., : start - offset], logits, out[..., end - offset:]], -1)
-        return out
+                if group in rows.head:
+                    blocks.append(torch.where(here, hidden @ rows.head[group].to(hidden.dtype).T, low))
+                else:
+                    blocks.append(hidden.new_full((*lead, count), low))
+        return torch.cat(blocks, -1) if blocks else hidden.new_zeros((*lead, 0))
 
     def extra_repr(self) -> str:
         return f"base_vocab_size={self.base_vocab_size}, concepts={self.names}, head_rows={self.head_rows}"

@@ -79,14 +79,15 @@ def _batches(n: int, size: int):
 
 @torch.no_grad()
 def first_token_logits(session, seqs: Sequence[Sequence[int]], batch_size: int = 8) -> Tensor:
-    """(N, V + concept tokens) float logits of the token after each prompt (left-padded batches)."""
+    """(N, V) float logits over the base vocabulary of the token after each prompt (left-padded batches):
+    the first token of an answer (Yes / No, an option letter)."""
     bb = session.backbone
     rows = []
     for part in _batches(len(seqs), batch_size):
         ids, mask = pad_batch(seqs[part], bb.tokenizer.pad_token_id, side="left")
         ids, mask = ids.to(bb.device), mask.to(bb.device)
         hidden, _ = bb.hidden_states(ids, mask)
-        rows.append(bb.logits(hidden[:, -1], bb.bank.presence(ids)).float().cpu())
+        rows.append(bb.logits(hidden[:, -1], bb.bank.presence(ids))[:, : bb.vocab_size].float().cpu())
     return torch.cat(rows)
 
 
@@ -108,8 +109,10 @@ def answer_logprobs(session, prompts: Sequence[Sequence[int]], answers: Sequence
         targets = labels[:, 1:]
         sel = targets != -100
         rows = sel.nonzero(as_tuple=True)[0]
-        logits = bb.logits(hidden[:, :-1][sel], bb.bank.presence(ids)[rows]).float()
-        picked = torch.log_softmax(logits, -1).gather(-1, targets[sel][:, None]).squeeze(-1).cpu()
+        presence = bb.bank.presence(ids)[rows]
+        logits = bb.logits(hidden[:, :-1][sel], presence).float()
+        columns = bb.to_columns(targets[sel], presence)
+        picked = torch.log_softmax(logits, -1).gather(-1, columns[:, None]).squeeze(-1).cpu()
         counts = sel.sum(1).tolist()
         out.extend(chunk.tolist() for chunk in picked.split(counts))
     return out

@@ -202,16 +202,37 @@ class ARBackbone(nn.Module):
         return out.last_hidden_state, out.cache
 
     def logits(self, hidden: Tensor, presence: Tensor, text_only: bool = True) -> Tensor:
-        """Logits over base + concept vocabulary for `hidden` (..., H).
+        """Logits for `hidden` (..., H): the base vocabulary, then the tokens of the concepts `presence`
+        names (their ids: ``bank.columns(presence)``; `to_ids` / `to_columns` convert).
 
         text_only=True reproduces the stock model (image tokens at the dtype minimum); False leaves them.
         """
         base = self.model.lm_head(hidden)
         if text_only:
             base = base.index_fill(-1, self.image_token_ids, torch.finfo(base.dtype).min)
-        if len(self.bank) == 0:
+        if len(self.bank) == 0 or not bool(presence.any()):
             return base
         return torch.cat([base, self.bank.head_logits(hidden, presence)], -1)
+
+    def to_ids(self, columns: Tensor, presence: Tensor) -> Tensor:
+        """Token ids of `logits` columns (e.g. an argmax)."""
+        concept = self.bank.columns(presence)
+        if not concept.numel():
+            return columns
+        vocab = self.vocab_size
+        return torch.where(columns >= vocab, concept[(columns - vocab).clamp(min=0, max=len(concept) - 1)], columns)
+
+    def to_columns(self, ids: Tensor, presence: Tensor) -> Tensor:
+        """`logits` columns of token ids (e.g. targets); a concept token whose concept `presence` does not
+        name has no column, and is an error."""
+        is_concept = ids >= self.vocab_size
+        if not bool(is_concept.any()):
+            return ids
+        concept = self.bank.columns(presence)
+        index = torch.searchsorted(concept, ids[is_concept]).clamp(max=max(len(concept) - 1, 0))
+        if not concept.numel() or not bool((concept[index] == ids[is_concept]).all()):
+            raise ValueError("a target is a token of a concept the sequence does not name")
+        return ids.masked_scatter(is_concept, index + self.vocab_size)
 
     # ---- the recognition decision: one place for training, inference and eval --------------------------
     @property
@@ -232,9 +253,17 @@ class ARBackbone(nn.Module):
         return torch.softmax(logits[..., [yes, no]].float(), -1)[..., 0]
 
     def full_logits(self, ids: Tensor, attention_mask: Optional[Tensor] = None, text_only: bool = True) -> Tensor:
-        """(B, L, V + concept tokens) logits: for tests, export checks and small-scale inspection."""
+        """(B, L, V + every concept token) logits, the dtype minimum for concepts a row does not name: the
+        layout of an exported checkpoint's vocabulary, for tests, export checks and small-scale inspection."""
         hidden, _ = self.hidden_states(ids, attention_mask)
-        return self.logits(hidden, self.bank.presence(ids)[:, None, :], text_only=text_only)
+        presence = self.bank.presence(ids)[:, None, :]
+        logits = self.logits(hidden, presence, text_only=text_only)
+        if len(self.bank) == 0:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size + self.bank.num_tokens), torch.finfo(logits.dtype).min)
+        full[..., : self.vocab_size] = logits[..., : self.vocab_size]
+        full[..., self.bank.columns(presence)] = logits[..., self.vocab_size:]
+        return full
 
     def _selected(self, ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor):
         hidden, _ = self.hidden_states(ids, attention_mask)
@@ -250,7 +279,7 @@ class ARBackbone(nn.Module):
         if targets.numel() == 0:
             return hidden.sum() * 0.0
         logits = self.logits(hidden, presence, text_only=True).float()
-        return F.cross_entropy(logits, targets, reduction=reduction)
+        return F.cross_entropy(logits, self.to_columns(targets, presence), reduction=reduction)
 
     def image_token_loss(self, ids: Tensor, attention_mask: Optional[Tensor], labels: Tensor,
                          reduction: str = "mean") -> Tensor:
@@ -290,7 +319,7 @@ class ARBackbone(nn.Module):
             else:
                 hidden, _ = self.hidden_states(seq, mask)
             logits = self.logits(hidden[:, -1], presence).float()
-            nxt = _pick(logits, temperature, top_p, generator)
+            nxt = self.to_ids(_pick(logits, temperature, top_p, generator), presence)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt)
             done |= torch.isin(nxt, stop)

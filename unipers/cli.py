@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("unipers.world.build", "build the tiny world's trained base models (cached under $UNIPERS_HOME/world)"),
     "tiny": ("unipers.models.tiny_cli", "build the embedded tiny random base models (no downloads)"),
     "export": ("unipers.models.export", "merge concept files into a plain Hugging Face checkpoint"),
+    "concepts": ("unipers.concepts.cli", "list, inspect, merge, remove and rename concept files"),
     "slurm": ("unipers.launch.cli", "submit align / personalize jobs and concept arrays to Slurm; status, collect"),
 }
 

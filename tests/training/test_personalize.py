@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from unipers.concepts.io import read_metadata
 from unipers.config import load_config
 from unipers.errors import EXIT_STOPPED, StoppedBySignal
 from unipers.models.unified import UnifiedModel
@@ -78,6 +79,8 @@ def test_personalize_writes_a_concept_file_that_reloads(prepared_concepts, tmp_p
     for f in ("config.yaml", "run.json", "logs/version_0/metrics.csv"):
         assert (run / f).is_file()
     assert list((run / "samples").glob("*.png")) and list((run / "samples").glob("*.md"))
+    for f in files:  # every concept file carries the run's resolved config, as `unipers concepts inspect` shows
+        assert read_metadata(run / "concepts" / f)["config"] == (run / "config.yaml").read_text(), f
     model = UnifiedModel.from_config(load_config([CONFIGS / "personalize.yaml"]))
     assert model.load_concepts(run / "concepts" / "last.safetensors") == ["bo", "mam"]
     stored = load_file(run / "concepts" / "last.safetensors")

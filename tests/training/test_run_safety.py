@@ -44,6 +44,22 @@ def test_a_second_run_in_a_locked_folder_is_refused_and_changes_nothing(prepared
         assert tree_digest(run) == before
 
 
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_fsdp_without_gpus_is_refused_before_the_model_loads(prepared_concepts, tmp_path, accelerator, unipers_cli,
+                                                             one_line_error, monkeypatch):
+    import unipers.models.unified as unified
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(unified.UnifiedModel, "from_config", lambda *a, **k: pytest.fail("the model was built"))
+    run = tmp_path / "run"
+    code, _, err = unipers_cli("train", "personalize", f"data.concepts=[{prepared_concepts[0]}]", f"run_dir={run}",
+                               *FAST, "trainer.max_steps=2", "trainer.strategy=fsdp",
+                               f"trainer.accelerator={accelerator}")
+    assert code == 2
+    one_line_error(err, "trainer.strategy=fsdp", "ddp")
+    assert not run.exists()
+
+
 def test_a_fresh_start_over_an_unfinished_run_is_refused(prepared_concepts, tmp_path, tree_digest):
     run = tmp_path / "run"
     train(cfg_for(run, prepared_concepts[:1], "trainer.max_steps=2", "trainer.checkpoint_every=1"))

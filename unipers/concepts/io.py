@@ -4,7 +4,9 @@ Tensors are named ``<name>/embed/<group>`` and ``<name>/head/<group>``. The safe
 ``format``, ``unipers_version``, ``base_fingerprint`` (of the AR backbone), ``hidden_size``, ``dtype`` (of
 the rows; files written before it was recorded lack it) and ``concepts`` (JSON: name, class word, slot
 layout, head groups per concept). A file can hold one concept or many; loading checks the base fingerprint
-first and refuses a mismatch, naming both fingerprints.
+first and refuses a mismatch, naming both fingerprints. An optional ``provenance`` (JSON: concept name ->
+object: step, metric/value, date, source file and sha256, training config, rename history) is written by
+`unipers.concepts.library` so that a merged file keeps where each of its concepts came from.
 
 Nothing in a file is trusted before its header has been checked against itself (`read_metadata`, on the
 header alone): the required keys present and well-typed, slot counts at most ``MAX_SLOTS``, exactly the
@@ -122,12 +124,28 @@ def _checked_header(path: str | os.PathLike) -> tuple[Header, dict]:
     for i, entry in enumerate(entries):
         expected.update(_entry_tensors(header, entry, i, hidden, seen))
     header.expect_tensors(expected, dtype=code)
-    return header, {**meta, "concepts": entries}
+    parsed = {"concepts": entries}
+    if "provenance" in meta:
+        parsed["provenance"] = _checked_provenance(header, seen)
+    return header, {**meta, **parsed}
+
+
+def _checked_provenance(header: Header, names: set[str]) -> dict:
+    """``provenance``: a JSON object from concept names of this file (some or all) to JSON objects."""
+    provenance = header.json("provenance")
+    if not isinstance(provenance, dict):
+        header.fail(f"metadata 'provenance' must be a JSON object (concept name -> record), got {short(provenance)}")
+    for name, record in provenance.items():
+        if name not in names:
+            header.fail(f"metadata 'provenance' has a record for {short(name)}, which is no concept of this file")
+        if not isinstance(record, dict):
+            header.fail(f"metadata 'provenance', concept {name!r}: must be a JSON object, got {short(record)}")
+    return provenance
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The header of a concept file, with ``concepts`` parsed, after checking the file against it (see the
-    module docstring). Reads no tensors."""
+    """The header of a concept file, with ``concepts`` (and ``provenance``, when present) parsed, after
+    checking the file against it (see the module docstring). Reads no tensors."""
     return _checked_header(path)[1]
 
 

@@ -41,14 +41,15 @@ def _rank_zero(trainer: L.Trainer) -> bool:
 class ConceptFiles(L.Callback):
     BEST = {"val/recognition": ("best_recognition", +1), "val/diffusion": ("best_diffusion", -1)}  # +1: higher is better
 
-    def __init__(self, folder: str | Path, save_every: int = 0):
-        self.folder, self.save_every = Path(folder), save_every
+    def __init__(self, folder: str | Path, save_every: int = 0, config: str | None = None):
+        # `config`: the run's resolved config as YAML, kept in every file so a concept carries how it was made.
+        self.folder, self.save_every, self.config = Path(folder), save_every, config
         self.best: dict[str, float] = {}
 
     def _save(self, pl_module, name: str, trainer: L.Trainer, extra: dict | None = None) -> None:
         if _rank_zero(trainer):
-            pl_module.model.save_concepts(self.folder / f"{name}.safetensors",
-                                          extra={"step": str(trainer.global_step), **(extra or {})})
+            recorded = {"step": str(trainer.global_step), **({"config": self.config} if self.config else {})}
+            pl_module.model.save_concepts(self.folder / f"{name}.safetensors", extra={**recorded, **(extra or {})})
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.best.update(self.saved_best())

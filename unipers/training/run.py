@@ -137,6 +137,20 @@ def make_logger(cfg, run_dir: Path):
     return loggers.WandbLogger(save_dir=str(run_dir), name=run_dir.name)
 
 
+def check_strategy(cfg) -> None:
+    """FSDP runs on CUDA devices only, and Lightning says so after the model is built (minutes at 7B): say
+    it first."""
+    import torch
+
+    from unipers.schema import ConfigError
+
+    t = cfg.trainer
+    if t.strategy == "fsdp" and (t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())):
+        raise ConfigError(f"trainer.strategy=fsdp needs CUDA GPUs (trainer.accelerator={t.accelerator}, and "
+                          f"{'no GPU is visible' if t.accelerator == 'auto' else 'a CPU run'}); use "
+                          "trainer.strategy=ddp on CPU")
+
+
 def make_strategy(cfg):
     """DDP keeps the frozen base out of broadcast and all-reduce; FSDP shards it (30B-class)."""
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
@@ -202,6 +216,7 @@ def train(cfg, callbacks: Sequence = ()) -> Path:
     from unipers.training.callbacks import SlurmRequeue, in_slurm_step
 
     check_logger_installed(cfg.trainer.logger)
+    check_strategy(cfg)
     if in_slurm_step():
         SlurmRequeue.listen()  # before the (slow) model load: an unhandled SIGUSR1 would kill the task
     run_dir = Path(cfg.run_dir)
@@ -327,6 +342,7 @@ def run_personalize(cfg, extra_callbacks: Sequence = ()) -> Path:
 
 
 def _fit_personalize(cfg, model, data, schedule, extra_callbacks: Sequence) -> Path:
+    from unipers.config import to_yaml
     from unipers.training.callbacks import ConceptFiles, ValidationSamples
     from unipers.training.personalize import PersonalizeModule
     from unipers.training.state import check_checkpoint
@@ -342,7 +358,7 @@ def _fit_personalize(cfg, model, data, schedule, extra_callbacks: Sequence) -> P
     if ckpt:
         check_checkpoint(module, ckpt)
     write_run_info(cfg, run_dir, model.fingerprints)
-    callbacks = [ConceptFiles(run_dir / CONCEPTS, p.save_every), *extra_callbacks]
+    callbacks = [ConceptFiles(run_dir / CONCEPTS, p.save_every, config=to_yaml(cfg)), *extra_callbacks]
     if t.val_every and data.val_records:
         callbacks.append(ValidationSamples(run_dir / SAMPLES))
     trainer = build_trainer(cfg, run_dir, callbacks, validate=bool(data.val_records))

@@ -1,8 +1,10 @@
 """The realshape tier: random models at the published shapes (Anole-7B with 1 decoder layer, Stable
 Diffusion 1.5 with 1 layer per UNet block), built once per session, and unipers' real commands run on them.
 
-Opt-in: it costs ~5 minutes and ~11 GB on 2 cores, so it runs only when selected (``-m realshape``) or with
-UNIPERS_REALSHAPE=1; the default suite skips it. The summary prints the tier's wall time and peak RSS."""
+Opt-in: it costs ~8 minutes and ~10 GB on 2 cores, so it runs only when selected (``-m realshape``) or with
+UNIPERS_REALSHAPE=1; the default suite skips it. Every command runs as a user runs it, in a process of its
+own (`unipers_run`): a command's peak memory is its own, not the sum of what the tests before it left
+allocated. The summary prints the tier's wall time, each command's peak RSS and the test process's."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 _PEAKS: list[tuple[str, float, float]] = []  # (test, seconds since start, peak RSS so far in GiB)
+_COMMANDS: list[tuple[str, float, float]] = []  # (command, seconds, its peak RSS in GiB)
 
 
 def _peak_gib() -> float:
@@ -53,23 +56,56 @@ def pytest_runtest_teardown(item):
 def pytest_terminal_summary(terminalreporter):
     if not _PEAKS:  # the tier did not run (skipped by default)
         return
+    for name, seconds, peak in _COMMANDS:
+        terminalreporter.write_line(f"  unipers {name}: {seconds:.0f} s, peak RSS {peak:.2f} GiB")
     for name, seconds, peak in _PEAKS:
-        terminalreporter.write_line(f"  {name}: done at {seconds:.0f} s, peak RSS so far {peak:.2f} GiB")
-    terminalreporter.write_line(f"realshape tier: wall {_PEAKS[-1][1]:.0f} s, peak RSS {_peak_gib():.2f} GiB "
-                                "(the process's, since it started)")
+        terminalreporter.write_line(f"  {name}: done at {seconds:.0f} s, test process peak RSS so far {peak:.2f} GiB")
+    commands = max((peak for *_, peak in _COMMANDS), default=0.0)
+    terminalreporter.write_line(f"realshape tier: wall {_PEAKS[-1][1]:.0f} s, peak RSS {max(commands, _peak_gib()):.2f} "
+                                f"GiB (commands {commands:.2f}, test process {_peak_gib():.2f})")
 
 
 @pytest.fixture(scope="session")
-def rs_dirs(tmp_path_factory):
-    """(backbone_dir, decoder_dir): Anole-7B (1 layer) and SD1.5 (layers_per_block 1), bf16 on disk."""
-    from unipers.models.realshape import build_realshape_backbone, build_realshape_decoder
+def unipers_run():
+    """Run ``unipers ARGS...`` in a process of its own, in the current directory: (exit code, stdout,
+    stderr). Its peak RSS (from wait4) goes into the tier's summary."""
+    import subprocess
+    import sys
+    import tempfile
 
+    import unipers
+
+    # The unipers this test imports, wherever the command runs (the README's commands run in a scratch folder).
+    source = str(Path(unipers.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (source, os.environ.get("PYTHONPATH"))))}
+
+    def run(*args):
+        args = [str(a) for a in args]
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            start = time.monotonic()
+            proc = subprocess.Popen([sys.executable, "-m", "unipers.cli", *args], stdout=out, stderr=err, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            name = " ".join(a for a in args[:2] if not a.startswith("-"))
+            _COMMANDS.append((name, time.monotonic() - start, usage.ru_maxrss / 2**20))
+            out.seek(0)
+            err.seek(0)
+            return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def rs_dirs(tmp_path_factory, unipers_run):
+    """(backbone_dir, decoder_dir): Anole-7B (1 layer) and SD1.5 (layers_per_block 1), bf16 on disk, built by
+    `unipers tiny --preset`."""
     root = tmp_path_factory.mktemp("realshape")
-    backbone = build_realshape_backbone(root / "anole-7b", "anole-7b", num_layers=1)
     # One resnet+attention layer per UNet block instead of 2 halves its cost on 2 cores (10 s forward and
     # 15 s backward at 64x64 latents against 20 and 28); every width, head and the resolution stay real.
-    decoder = build_realshape_decoder(root / "sd15", "sd15", layers_per_block=1)
-    return backbone, decoder
+    for preset, folder in (("anole-7b", "anole-7b"), ("sd15", "sd15")):
+        code, _, err = unipers_run("tiny", "--preset", preset, "--layers", 1, "--out", root / folder)
+        assert code == 0, err[-2000:]
+    return root / "anole-7b", root / "sd15"
 
 
 @pytest.fixture(scope="session")
@@ -96,23 +132,3 @@ def rs_concept(tmp_path_factory):
     facts = root / "facts.txt"
     facts.write_text("<bo> has a red collar.\n")
     return prepare_concept(photos, "bo", root / "bo", class_word="dog", facts=facts)
-
-
-@pytest.fixture(scope="session")
-def unipers_cli_session():
-    """`unipers_cli` without capsys (a session fixture cannot use it): output is captured by redirecting."""
-    import contextlib
-    import io
-
-    from unipers.cli import main
-
-    def run(*args):
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main([str(a) for a in args])
-            except SystemExit as exit:
-                code = exit.code if isinstance(exit.code, int) else 1
-        return code, out.getvalue(), err.getvalue()
-
-    return run

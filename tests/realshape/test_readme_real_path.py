@@ -37,7 +37,7 @@ def test_the_readme_names_a_real_path_command():
     assert any("backbone/anole-7b" in c and "decoder/sd15" in c for c in commands)
 
 
-def test_the_readme_real_path_runs_as_written(rs_dirs, rs_concept, tmp_path, monkeypatch, unipers_cli_session):
+def test_the_readme_real_path_runs_as_written(rs_dirs, rs_concept, tmp_path, monkeypatch, unipers_run):
     from PIL import Image
 
     monkeypatch.chdir(tmp_path)
@@ -54,11 +54,11 @@ def test_the_readme_real_path_runs_as_written(rs_dirs, rs_concept, tmp_path, mon
         lines.append(json.dumps({"image": f"images/{i}.png", "caption": f"a plain square number {i}"}))
     (pairs / "captions.jsonl").write_text("\n".join(lines) + "\n")
     # Step 2 of the README: align once per backbone/decoder pair (docs/training.md's command).
-    code, _, err = unipers_cli_session("train", "base", "backbone/anole-7b", "decoder/sd15", "stage=align",
+    code, _, err = unipers_run("train", "base", "backbone/anole-7b", "decoder/sd15", "stage=align",
                                        "data.pairs=data/pairs", "run_dir=runs/align", *BUDGET)
     assert code == 0, err[-3000:]
     assert (tmp_path / "runs" / "align" / "connector.safetensors").is_file()
     for command in real_path_commands():
-        code, _, err = unipers_cli_session(*command, *BUDGET)
+        code, _, err = unipers_run(*command, *BUDGET)
         assert code == 0, (command, err[-3000:])
     assert (tmp_path / "runs" / "bo" / "concepts" / "last.safetensors").is_file()

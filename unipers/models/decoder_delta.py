@@ -8,8 +8,8 @@ only the trained decoder tensors and is applied to the stock decoder when a mode
 A delta records the fingerprint of the decoder it was trained on and is refused on any other, including a
 decoder it was already applied to. Before any weight changes, the header is checked against the metadata
 and the decoder, reading no tensor data: a LoRA delta holds exactly an ``A`` (rank, in) and ``B`` (out, rank)
-factor for every attention projection of the UNet, and a scale for each; a blocks delta holds only
-parameters of the decoder, each of its shape; all of float dtypes. Then every tensor read must be finite.
+factor for every attention projection of the UNet, and a scale for each; a blocks delta names its UNet
+blocks (``blocks``, JSON) and holds exactly their parameters, each of its shape; all of float dtypes. Then every tensor read must be finite.
 A failure is a ``DecoderDeltaError`` naming the file, key and problem.
 """
 
@@ -79,13 +79,19 @@ def _expected_tensors(header: Header, decoder, kind: str) -> tuple[dict[str, tup
     """(key -> shape) of the tensors a delta of `kind` for `decoder` holds, and the LoRA scales; checks the
     metadata they come from on the way."""
     if kind == "blocks":
-        params = {name: tuple(p.shape) for name, p in decoder.named_parameters()}
-        unknown = [k for k in header.shapes if k not in params]
+        blocks = header.json("blocks")
+        if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) and b for b in blocks):
+            header.fail(f"metadata 'blocks' must be a JSON list of UNet block names, got {short(blocks)}")
+        modules = dict(decoder.unet.named_modules())
+        missing = [b for b in blocks if b not in modules]
+        if missing:
+            header.fail(f"metadata 'blocks' names {short(missing[0])}: the decoder's UNet has no such block")
+        prefixes = tuple(f"unet.{b}." for b in blocks)
+        expected = {name: tuple(p.shape) for name, p in decoder.named_parameters() if name.startswith(prefixes)}
+        unknown = [k for k in header.shapes if k not in expected]
         if unknown:
-            header.fail(f"unexpected tensor {short(unknown[0])}: the decoder has no such parameter")
-        if not header.shapes:
-            header.fail("holds no tensors (a blocks delta holds the trained decoder parameters)")
-        return {k: params[k] for k in header.shapes}, {}
+            header.fail(f"unexpected tensor {short(unknown[0])}: no parameter of the blocks {', '.join(blocks)}")
+        return expected, {}
     rank = header.integer("lora_rank", 1, MAX_LORA_RANK)
     expected, scales = {}, {}
     for name in lora_targets(decoder):
@@ -115,8 +121,8 @@ def apply_decoder_delta(decoder, path: str | os.PathLike):
         header.fail(f"delta trained on decoder {short(theirs)}, but this decoder is {ours} (another decoder, "
                     "or a delta already applied)")
     expected, scales = _expected_tensors(header, decoder, kind)
-    header.expect_tensors(expected, exact=kind == "lora")
-    tensors = header.read(expected if kind == "lora" else header.shapes)
+    header.expect_tensors(expected, exact=True)
+    tensors = header.read(expected)
     if kind == "blocks":
         params = dict(decoder.named_parameters())
         for name, value in tensors.items():

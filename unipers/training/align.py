@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -160,6 +161,7 @@ class AlignModule(L.LightningModule):
                 tensors[f"unet.{name}.lora_A"], tensors[f"unet.{name}.lora_B"], scale = lora_factors(layer)
                 meta[f"scale.unet.{name}"] = repr(scale)
         else:
+            meta["blocks"] = json.dumps(list(self.unfreeze_blocks))  # applying checks it holds exactly these
             prefix = "model.decoder."
             named = dict(self.named_parameters())
             tensors = {n[len(prefix):]: named[n] for n in self.trainable_names if n.startswith(prefix)}

@@ -13,8 +13,8 @@ for a prompt that names one of them. Side by side:
 The embedded tiny backbone (hidden 64, 4 layers): the smallest model makes the per-concept overhead most
 visible, since a token's own compute is a few milliseconds. Concepts are synthetic (random rows, the default
 layout: 17 tokens, 18 rows of which one is a head row). Greedy decoding with the KV cache, one torch thread;
-arms alternate within each round; the median per-token time over rounds. Memory: the concept rows' bytes
-and the process's RSS after loading. Writes JSON to ``--out``.
+every round times every count and arm in alternating order; the median per-token time over rounds.
+Memory: the concept rows' bytes (the only memory that grows with the count). Writes JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from benchmarks._memory import rss_bytes
     from unipers.concepts.prompts import PromptBuilder
     from unipers.models.backbone import ARBackbone
     from unipers.models.tiny import ensure_tiny
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     counts = [int(c) for c in args.counts.split(",")]
-    results = []
+    setups = {}
     for count in counts:
         bb = ARBackbone.from_pretrained(ensure_tiny()[0])
         # The concept the prompt names comes last: the id lookups and splices must find it among all the others.
@@ -101,23 +100,29 @@ def main(argv=None) -> int:
                                                                         generator=gen) * 0.02
                                                            for g in ("identifier", "shared", "und", "gen")},
                         head_init={"identifier": torch.randn(1, bb.bank.hidden_size, generator=gen) * 0.02})
-        rows_bytes = sum(p.numel() * p.element_size() for p in bb.bank.parameters())
         ids = torch.tensor([PromptBuilder.for_backbone(bb).encode(f"What is <{names[-1]}> doing today?", mode="und")])
-        spliced = (bb.logits, bb.to_ids)
-        resized = resized_logits(bb)
-        times = {arm: [] for arm in ARMS}
+        setups[count] = (bb, ids, {"unipers": (bb.logits, bb.to_ids), "resized vocabulary": resized_logits(bb)})
         per_token(bb, ids, 4)  # warm-up
-        for r in range(args.rounds):
+    # Every round times every count and arm, in an order that alternates: drift on a shared machine then
+    # spreads over all of them instead of landing on one.
+    times = {(count, arm): [] for count in counts for arm in ARMS}
+    for r in range(args.rounds):
+        for count in (counts if r % 2 == 0 else counts[::-1]):
+            bb, ids, arms = setups[count]
             for arm in (ARMS if r % 2 == 0 else ARMS[::-1]):
-                bb.logits, bb.to_ids = spliced if arm == "unipers" else resized
-                times[arm].append(per_token(bb, ids, args.tokens))
-        bb.logits, bb.to_ids = spliced
-        row = {"concepts": count, "rows_bytes": rows_bytes, "rss_bytes": rss_bytes(),
-               **{arm: statistics.median(t) for arm, t in times.items()}, "all": times}
+                bb.logits, bb.to_ids = arms[arm]
+                times[count, arm].append(per_token(bb, ids, args.tokens))
+            bb.logits, bb.to_ids = arms["unipers"]
+    results = []
+    for count in counts:
+        bb = setups[count][0]
+        rows_bytes = sum(p.numel() * p.element_size() for p in bb.bank.parameters())
+        row = {"concepts": count, "rows_bytes": rows_bytes,
+               **{arm: statistics.median(times[count, arm]) for arm in ARMS},
+               "all": {arm: times[count, arm] for arm in ARMS}}
         results.append(row)
         print(f"{count:>5} concepts: unipers {row['unipers'] * 1e3:.3f} ms/token, resized vocabulary "
               f"{row['resized vocabulary'] * 1e3:.3f} ms/token, rows {rows_bytes / 2**20:.2f} MiB", flush=True)
-        del bb
 
     one = results[0]
     print("\n| concepts loaded | unipers ms/token | vs 1 | resized vocabulary ms/token | vs 1 | concept rows |")

@@ -222,6 +222,12 @@ class ConceptBank(nn.Module):
                         p.grad = None
 
     # ---- ids -> concepts ---------------------------------------------------------------------------------
+    def _infos(self) -> list[ConceptInfo]:
+        """`info`'s values in bank order (index = `concept_index`), kept between calls: read on every token."""
+        if "infos" not in self._index:
+            self._index["infos"] = list(self.info.values())
+        return self._index["infos"]
+
     def concept_index(self, ids: Tensor) -> Tensor:
         """For concept token ids (each ``>= base_vocab_size``), the index of their concept in bank order."""
         starts = self._index.get("starts")
@@ -245,7 +251,7 @@ class ConceptBank(nn.Module):
         used = torch.unique(self._concept_ids(ids))
         if not used.numel():
             return out
-        infos = list(self.info.values())
+        infos = self._infos()
         used_list = used.tolist()
         for c in torch.unique(self.concept_index(used)).tolist():
             info = infos[c]
@@ -276,7 +282,7 @@ class ConceptBank(nn.Module):
 
     def columns(self, presence: Tensor) -> Tensor:
         """The token ids of `head_logits`' columns, ascending: every token of each concept in `presence`."""
-        infos = list(self.info.values())
+        infos = self._infos()
         spans = [torch.arange(infos[c].first_id, infos[c].end_id) for c in self.present(presence)]
         return torch.cat(spans).to(presence.device) if spans else torch.zeros(0, dtype=torch.long, device=presence.device)
 
@@ -290,7 +296,7 @@ class ConceptBank(nn.Module):
         """
         lead = hidden.shape[:-1]
         low = torch.finfo(hidden.dtype).min
-        infos, blocks = list(self.info.values()), []
+        infos, blocks = self._infos(), []
         for c in self.present(presence):
             info, rows = infos[c], self.rows[infos[c].name]
             here = presence[..., c].expand(lead)[..., None]

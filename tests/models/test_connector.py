@@ -293,7 +293,9 @@ BAD_DELTAS = {  # id -> (kind, tensor edit, metadata edit, message)
     "blocks-another-block": ("blocks", lambda t: t.update({"unet.conv_out.bias": torch.zeros(4)}), None,
                              "unexpected tensor 'unet.conv_out.bias': no parameter of the blocks mid_block"),
     "blocks-missing-parameter": ("blocks", lambda t: t.pop(BLOCK), None, f"tensor '{BLOCK}' is missing"),
-    "blocks-no-list": ("blocks", None, lambda m: m.pop("blocks"), "metadata 'blocks' is missing"),
+    "blocks-no-list-unknown-parameter": ("blocks", lambda t: t.update({"unet.bogus.weight": torch.zeros(2)}),
+                                         lambda m: m.pop("blocks"),
+                                         "unexpected tensor 'unet.bogus.weight': the decoder has no such parameter"),
     "blocks-unknown-block": ("blocks", None, lambda m: m.update(blocks='["mid_block", "up_blocks.9"]'),
                              "metadata 'blocks' names 'up_blocks.9': the decoder's UNet has no such block"),
     "blocks-wrong-shape": ("blocks", lambda t: t.update({BLOCK: t[BLOCK][:1]}), None,
@@ -323,11 +325,21 @@ def test_a_decoder_delta_that_breaks_its_metadata_is_refused_before_any_weight_c
     assert tree_digest(bad) == before
 
 
-@pytest.mark.parametrize("kind", ["lora", "blocks"])
-def test_a_good_decoder_delta_still_applies(kind, decoder_deltas, stock_decoder):
+@pytest.mark.parametrize("kind", ["lora", "blocks", "blocks-unlisted"])
+def test_a_good_decoder_delta_still_applies(kind, decoder_deltas, stock_decoder, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from unipers.models.decoder_delta import apply_decoder_delta
 
+    path = decoder_deltas[kind.split("-")[0]]
+    if kind == "blocks-unlisted":  # as written before deltas recorded their blocks: still applies
+        with safe_open(str(path), "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        meta.pop("blocks")
+        path = tmp_path / "old.decoder.safetensors"
+        save_file(tensors, str(path), metadata=meta)
     before = {k: v.clone() for k, v in stock_decoder.state_dict().items()}
-    apply_decoder_delta(stock_decoder, decoder_deltas[kind])
+    apply_decoder_delta(stock_decoder, path)
     changed = {k for k, v in stock_decoder.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("unet.") for k in changed)

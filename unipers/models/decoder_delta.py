@@ -9,7 +9,8 @@ A delta records the fingerprint of the decoder it was trained on and is refused 
 decoder it was already applied to. Before any weight changes, the header is checked against the metadata
 and the decoder, reading no tensor data: a LoRA delta holds exactly an ``A`` (rank, in) and ``B`` (out, rank)
 factor for every attention projection of the UNet, and a scale for each; a blocks delta names its UNet
-blocks (``blocks``, JSON) and holds exactly their parameters, each of its shape; all of float dtypes. Then every tensor read must be finite.
+blocks (``blocks``, JSON) and holds exactly their parameters, each of its shape (one written before the
+list was recorded: only decoder parameters, each of its shape); all of float dtypes. Then every tensor read must be finite.
 A failure is a ``DecoderDeltaError`` naming the file, key and problem.
 """
 
@@ -78,6 +79,14 @@ def lora_targets(decoder) -> list[str]:
 def _expected_tensors(header: Header, decoder, kind: str) -> tuple[dict[str, tuple[int, ...]], dict[str, float]]:
     """(key -> shape) of the tensors a delta of `kind` for `decoder` holds, and the LoRA scales; checks the
     metadata they come from on the way."""
+    if kind == "blocks" and "blocks" not in header.metadata:  # written before the list was recorded
+        params = {name: tuple(p.shape) for name, p in decoder.named_parameters()}
+        unknown = [k for k in header.shapes if k not in params]
+        if unknown:
+            header.fail(f"unexpected tensor {short(unknown[0])}: the decoder has no such parameter")
+        if not header.shapes:
+            header.fail("holds no tensors (a blocks delta holds the trained decoder parameters)")
+        return {k: params[k] for k in header.shapes}, {}
     if kind == "blocks":
         blocks = header.json("blocks")
         if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) and b for b in blocks):

@@ -108,3 +108,32 @@ def test_fsdp_rows_equal_ddp_rows(prepared_concepts, tmp_path, tiny_dirs):
     assert rows["ddp"].keys() == rows["fsdp"].keys()
     for key in rows["ddp"]:
         assert torch.allclose(rows["ddp"][key], rows["fsdp"][key], atol=1e-5, rtol=1e-4), key
+
+
+RECIPE_GB = 19.6
+"""docs/gpu.md's recipe: the 32-layer Anole-7B + SD1.5 personalize step at batch 1, bf16, both
+checkpointing switches on (weights 16.0 GB, activations 2.1 GB, 1.5 GB margin)."""
+
+
+@apply(run_if(gpus=1, bf16=True))
+def test_realshape_step_peak_memory_is_under_the_recipe(prepared_concepts, tmp_path):
+    """One personalize step at the real widths (Anole-7B with 1 decoder layer, SD1.5) on the shipped configs:
+    its peak GPU memory is under the recipe's 32-layer figure less the 31 layers' weights it does not hold."""
+    from unipers.models.realshape import build_realshape_backbone, build_realshape_decoder
+
+    backbone = build_realshape_backbone(tmp_path / "anole-7b", "anole-7b", num_layers=1)
+    decoder = build_realshape_decoder(tmp_path / "sd15", "sd15")
+    layer = load_file(backbone / "model.safetensors")
+    layer_bytes = sum(v.numel() * 2 for k, v in layer.items() if ".layers.0." in k)  # bf16
+    del layer
+    torch.cuda.reset_peak_memory_stats()
+    cfg = load_config([CONFIGS / "personalize.yaml", CONFIGS / "backbone" / "anole-7b.yaml",
+                       CONFIGS / "decoder" / "sd15.yaml"],
+                      [f"backbone.path={backbone}", f"decoder.path={decoder}",
+                       f"data.concepts=[{prepared_concepts[0]}]", f"run_dir={tmp_path / 'run'}", *FAST,
+                       "trainer.max_steps=1", "data.batch_size=1", "trainer.accelerator=gpu", "trainer.devices=1"])
+    train(cfg)
+    peak = torch.cuda.max_memory_allocated()
+    bound = RECIPE_GB * 1e9 - 31 * layer_bytes
+    print(f"realshape step (1 layer): peak {peak / 1e9:.2f} GB, bound {bound / 1e9:.2f} GB")
+    assert peak < bound

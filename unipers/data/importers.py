@@ -1,8 +1,19 @@
-"""Import Yo'LLaVA and Yo'Chameleon data into prepared concept folders (same layout as ``prepare``).
+"""Import Yo'LLaVA and Yo'Chameleon data, and the public personalization benchmarks' published layouts, into
+prepared concept folders (same layout as ``prepare``).
 
     unipers prepare --from-yollava yollava-data --out data/yollava            # every concept -> data/yollava/<c>/
     unipers prepare --from-yollava yollava-data --name bo --out data/yollava  # one concept
     unipers prepare --from-yochameleon bo_train.json bo_gen.json --name bo --out data/bo_yc [--image-root DIR]
+    unipers prepare --from-myvlm ROOT | --from-unifybench ROOT | --from-dreambench ROOT | --from-mcllava ROOT
+                    | --from-pods ROOT  [--name C] --out DIR                  # every concept (or C) -> DIR/<c>/
+
+The benchmark readers, one module each, document the tree they expect and what they take from which file:
+importers_myvlm.py (``import_myvlm``), importers_unifybench.py (``import_unifybench``), importers_dreambench.py
+(``import_dreambench``), importers_mcllava.py (``import_mcllava``), importers_pods.py (``import_pods``); all
+return the written folders. Unlike the two below they are strict: any problem (missing file, bad JSON, an
+unreadable record, an image that is not there) refuses the whole import before a folder is written, the
+``ImportRefused`` listing every problem. MC-LLaVA's scenario questions record the concepts they name in a
+sample's ``concepts``; PODS' shifted test sets name each test sample's ``subset``.
 
 Python: ``import_yollava(root, out_root, concepts=None, ...) -> list[Path]`` (importers_yollava.py) and
 ``import_yochameleon(json_paths, name, out_dir, ...) -> Path`` (importers_yochameleon.py); the parsers
@@ -39,8 +50,14 @@ every problem; ``unipers prepare`` prints them before its one-line error.
 from __future__ import annotations
 
 from unipers.data.importers_common import ImportRefused, resolve_under
+from unipers.data.importers_dreambench import import_dreambench
+from unipers.data.importers_mcllava import import_mcllava
+from unipers.data.importers_myvlm import import_myvlm
+from unipers.data.importers_pods import import_pods
+from unipers.data.importers_unifybench import import_unifybench
 from unipers.data.importers_yochameleon import import_yochameleon, read_yochameleon
 from unipers.data.importers_yollava import TEXT_QA, VISUAL_QA, import_yollava, read_yollava_qa
 
-__all__ = ["ImportRefused", "TEXT_QA", "VISUAL_QA", "import_yochameleon", "import_yollava", "read_yochameleon",
+__all__ = ["ImportRefused", "TEXT_QA", "VISUAL_QA", "import_dreambench", "import_mcllava", "import_myvlm",
+           "import_pods", "import_unifybench", "import_yochameleon", "import_yollava", "read_yochameleon",
            "read_yollava_qa", "resolve_under"]

@@ -55,6 +55,11 @@ class Sample:
     """soft positives: CLIP cosine similarity to the concept"""
     source: str | None = None
     """where the record came from, e.g. ``yollava:yollava-visual-qa.json#bo/3``"""
+    concepts: list[str] | None = None
+    """a multi-concept sample: every concept it names, ``concept`` among them (MC-LLaVA's scenario questions,
+    kept in the folder of each concept they name); None: it names ``concept`` only"""
+    subset: str | None = None
+    """a named part of ``split`` that is scored apart, e.g. PODS' test sets ``in_distribution`` / ``pose``"""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -71,6 +76,11 @@ class Sample:
             raise ValueError(f"answer {self.answer!r} is not one of the options {sorted(self.options)}")
         if self.gen_slots is not None and self.gen_slots < 1:
             raise ValueError("gen_slots must be >= 1")
+        if self.concepts is not None and (not isinstance(self.concepts, list) or self.concept not in self.concepts
+                                          or not all(isinstance(c, str) and c for c in self.concepts)):
+            raise ValueError(f"concepts must be a list of concept names that holds {self.concept!r}")
+        if self.subset is not None and (not isinstance(self.subset, str) or not self.subset):
+            raise ValueError("subset must be a non-empty name")
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

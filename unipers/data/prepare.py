@@ -7,8 +7,8 @@ command (prepare_cli.py).
 Photos are validated (images.py), split into train/val (seeded; validation photos are held out of
 training), negatives and soft positives retrieved from a pool with CLIP (retrieval.py), samples generated
 (samples.py) and everything written to a temporary folder that replaces OUT in one rename (manifest.py).
-Identical inputs and seed give byte-identical ``manifest.jsonl`` and ``concept.json``. The Yo'LLaVA and
-Yo'Chameleon importers (importers.py) write the same folders through `build_prepared`.
+Identical inputs and seed give byte-identical ``manifest.jsonl`` and ``concept.json``. The importers
+(importers.py: Yo'LLaVA, Yo'Chameleon and the benchmark readers) write the same folders through `build_prepared`.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ class ConceptInputs:
     extra_samples: list = field(default_factory=list)  # Samples whose image is a source path
     photo_report: dict = field(default_factory=dict)  # skipped / duplicates / ignored
     issues: list = field(default_factory=list)  # importer problems, {"where", "problem"}
+    subsets: dict = field(default_factory=dict)  # {source path: named test set}: its samples get ``subset``
+    template_captions: bool = True  # False: the importer brings real captions, no templated ones are made
 
 
 def split_indices(n: int, val_fraction: float, seed: int, min_val: int = 1) -> tuple[list[int], list[int]]:
@@ -185,7 +187,7 @@ def generate_samples(inp: ConceptInputs, images: dict, soft: list[dict], seed: i
         out += S.recognition_samples(inp.name, images["test"], images["test_negatives"], "test", rng,
                                      per_positive=1, n_negative=len(images["test_negatives"]))
     out += S.qa_samples(inp.name, inp.facts, inp.fact_pairs, rng, source=inp.facts_source)
-    for split in ("train", "val", "test"):
+    for split in ("train", "val", "test") if inp.template_captions else ():
         out += S.caption_samples(inp.name, inp.class_word, images[split], split, rng,
                                  per_image=opts.captions_per_photo if split == "train" else 1)
     for split in ("train", "val", "test"):
@@ -256,6 +258,10 @@ def build_prepared(inp: ConceptInputs, out_dir: Path, *, seed: int, val_fraction
         samples = generate_samples(inp, images, soft, seed, opts) if inp.generate_samples else fact_samples(inp, seed)
         issues = list(inp.issues)
         samples += _imported_samples(inp.extra_samples, w, issues)
+        if inp.subsets:  # a benchmark's named test sets: each sample about one of their images says which
+            named = {rel: inp.subsets[src] for rel, src in w.sources.items() if src in inp.subsets}
+            samples = [dataclasses.replace(s, subset=named[s.image]) if s.image in named and s.subset is None else s
+                       for s in samples]
         concept = {
             "name": inp.name, "class_word": inp.class_word, "seed": seed, "unipers_version": __version__,
             "train": images["train"], "val": images["val"], "test": images["test"],
@@ -309,6 +315,15 @@ def format_report(concept: dict, samples: Sequence, notes: Sequence[str] = ()) -
     else:
         lines.append("soft positives: none")
     lines.append(f"facts: {len(concept['facts'])}")
+    subsets: dict[str, int] = {}
+    for s in samples:
+        if s.subset:
+            subsets[f"{s.split}/{s.subset}"] = subsets.get(f"{s.split}/{s.subset}", 0) + 1
+    if subsets:
+        lines.append("named sets: " + ", ".join(f"{k} ({v} samples)" for k, v in sorted(subsets.items())))
+    multi = sum(1 for s in samples if s.concepts and len(s.concepts) > 1)
+    if multi:
+        lines.append(f"multi-concept samples: {multi}")
     lines += [f"note: {n}" for n in notes]
     if concept["import_issues"]:
         lines.append(f"import issues: {len(concept['import_issues'])}")

@@ -4,6 +4,9 @@
         --negatives /data/pool --clip /models/clip-vit-large-patch14 --out data/bo --seed 0
     unipers prepare --from-yollava yollava-data --name bo --out data/yollava      # see importers.py
     unipers prepare --from-yochameleon bo_train.json --name bo --out data/bo_yc
+    unipers prepare --from-dreambench dreambooth --out data/dreambench           # and --from-myvlm,
+                                                                                 # --from-unifybench,
+                                                                                 # --from-mcllava, --from-pods
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--out", type=Path, help="output folder (default: data/NAME)")
     a("--seed", type=int, default=0)
     a("--val-fraction", type=float, help="share of photos held out for validation (default 0.2; "
-      "--from-yollava: 0, its test photos are held out already)")
+      "0 for the imports with a test split: --from-yollava, --from-myvlm, --from-unifybench, --from-mcllava, "
+      "--from-pods)")
     a("--skip-bad", action="store_true", help="skip (and report) unreadable or too small photos instead of failing")
     a("--overwrite", action="store_true", help="replace an existing output folder")
     d = PrepareOptions()
@@ -55,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     i("--from-yochameleon", type=Path, nargs="+", metavar="JSON", help="Yo'Chameleon training JSON file(s)")
     i("--image-root", type=Path, help="folder --from-yochameleon images are looked up in, by their path or its "
       "tail (default: the JSON's folder); nothing outside it is used")
+    b = p.add_argument_group("benchmark layouts (docs/prepare.md, Benchmark layouts): --name picks one concept "
+                             "(default: all), --out DIR gets one folder per concept").add_argument
+    for flag, (what, _module, _default_out, _val) in BENCHMARKS.items():
+        b(flag, type=Path, metavar="ROOT", help=what)
+    b("--n-train", type=int, metavar="N", help="--from-myvlm: photos per concept trained on, drawn with --seed "
+      "(default 4, as MyVLM); the others are its test split")
 
 
 def options_from_args(a: argparse.Namespace) -> PrepareOptions:
@@ -64,6 +74,18 @@ def options_from_args(a: argparse.Namespace) -> PrepareOptions:
                           device=a.device, clip_cache=a.clip_cache, quiet=a.quiet)
 
 
+BENCHMARKS = {  # flag: (help, "module:function", default --out, default --val-fraction)
+    "--from-myvlm": ("MyVLM data: ROOT/<concept>/ photos + captions.json", "importers_myvlm:import_myvlm",
+                     "data/myvlm", 0.0),
+    "--from-unifybench": ("UnifyBench (UniCTokens' data): ROOT/concept/{train,test}/<concept>/",
+                          "importers_unifybench:import_unifybench", "data/unifybench", 0.0),
+    "--from-dreambench": ("the DreamBooth dataset: ROOT/dataset/<subject>/ + prompts_and_classes.txt",
+                          "importers_dreambench:import_dreambench", "data/dreambench", 0.2),
+    "--from-mcllava": ("MC-LLaVA data: ROOT/<group>/concept/{train,test}/<concept>/ + multi/<scenario>/",
+                       "importers_mcllava:import_mcllava", "data/mcllava", 0.0),
+    "--from-pods": ("PODS: ROOT/pods_info.json, pods_image_annos.json, {train,test}/<class>/",
+                    "importers_pods:import_pods", "data/pods", 0.0),
+}
 RETRIEVAL = ("negatives", "clip", "hard", "easy", "soft", "near_duplicate", "soft_range", "batch_size", "num_workers",
              "device", "clip_cache")
 NOT_APPLICABLE = {
@@ -71,6 +93,8 @@ NOT_APPLICABLE = {
     "--from-yollava": (("image_root",), "QA images are looked up under ROOT"),
     "--from-yochameleon": (("visual_qa", "text_qa", *RETRIEVAL),
                            "its JSONs bring their own negatives and questions; nothing is retrieved"),
+    **{flag: (("visual_qa", "text_qa", "image_root"), "it reads the benchmark's published layout only")
+       for flag in BENCHMARKS},
 }
 
 
@@ -82,11 +106,33 @@ def refuse_inapplicable(args: argparse.Namespace, source: str) -> None:
     add_arguments(defaults)
     default = vars(defaults.parse_args([]))
     names, why = NOT_APPLICABLE[source]
+    if args.n_train is not None and source != "--from-myvlm":
+        target = "a photo folder" if source == "photos" else source
+        raise UnipersError(f"--n-train does not apply to {target}: it applies to --from-myvlm only")
     for dest in names:
         if getattr(args, dest) != default[dest]:
             flag = "--" + dest.replace("_", "-")
             target = "a photo folder" if source == "photos" else source
             raise UnipersError(f"{flag} does not apply to {target}: {why}")
+
+
+def _dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def import_benchmark(flag: str, args: argparse.Namespace, opts: PrepareOptions) -> list[Path]:
+    """Run the reader of ``flag`` (BENCHMARKS) with the options every reader takes."""
+    import importlib
+
+    _what, target, default_out, default_val = BENCHMARKS[flag]
+    module, function = target.split(":")
+    reader = getattr(importlib.import_module(f"unipers.data.{module}"), function)
+    extra = {"n_train": args.n_train} if flag == "--from-myvlm" else {}
+    return reader(getattr(args, _dest(flag)), args.out or Path(default_out),
+                  concepts=[args.name] if args.name else None, class_word=args.class_word, facts=args.facts,
+                  seed=args.seed, val_fraction=default_val if args.val_fraction is None else args.val_fraction,
+                  negatives=args.negatives, clip_path=args.clip, skip_bad=args.skip_bad, overwrite=args.overwrite,
+                  options=opts, **extra)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -95,13 +141,17 @@ def main(args: argparse.Namespace) -> int:
     from unipers.errors import UnipersError
 
     opts = options_from_args(args)
-    sources = [x for x in (args.photos, args.from_yollava, args.from_yochameleon) if x]
+    given = {"photos": args.photos, "--from-yollava": args.from_yollava, "--from-yochameleon": args.from_yochameleon,
+             **{flag: getattr(args, _dest(flag)) for flag in BENCHMARKS}}
     try:
+        sources = [k for k, v in given.items() if v]
         if len(sources) != 1:
-            raise ValueError("give exactly one of PHOTOS_DIR, --from-yollava, --from-yochameleon")
-        source = "--from-yollava" if args.from_yollava else "--from-yochameleon" if args.from_yochameleon else "photos"
+            raise ValueError(f"give exactly one of PHOTOS_DIR, {', '.join(list(given)[1:])}")
+        source = sources[0]
         refuse_inapplicable(args, source)
-        if args.from_yollava:
+        if source in BENCHMARKS:
+            outs = import_benchmark(source, args, opts)
+        elif args.from_yollava:
             outs = import_yollava(args.from_yollava, args.out or Path("data/yollava"),
                                   concepts=[args.name] if args.name else None, visual_qa=args.visual_qa,
                                   text_qa=args.text_qa, class_word=args.class_word, facts=args.facts,

@@ -79,11 +79,12 @@ def unipers_run():
     source = str(Path(unipers.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (source, os.environ.get("PYTHONPATH"))))}
 
-    def run(*args):
+    def run(*args, cwd=None):
         args = [str(a) for a in args]
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             start = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-m", "unipers.cli", *args], stdout=out, stderr=err, env=env)
+            proc = subprocess.Popen([sys.executable, "-m", "unipers.cli", *args], stdout=out, stderr=err, env=env,
+                                    cwd=cwd)
             _, status, usage = os.wait4(proc.pid, 0)
             proc.returncode = os.waitstatus_to_exitcode(status)
             name = " ".join(a for a in args[:2] if not a.startswith("-"))
@@ -109,12 +110,6 @@ def rs_dirs(tmp_path_factory, unipers_run):
 
 
 @pytest.fixture(scope="session")
-def rs_models(rs_dirs):
-    """The overrides that point a command's config at the realshape folders."""
-    return [f"backbone.path={rs_dirs[0]}", f"decoder.path={rs_dirs[1]}"]
-
-
-@pytest.fixture(scope="session")
 def rs_concept(tmp_path_factory):
     """One prepared concept, <bo> (a dog), from 3 photos (2 train, 1 val): each photo costs a VQ encode
     (~15 s) and a VAE encode (~20 s) at 512 px on 2 cores."""
@@ -132,3 +127,89 @@ def rs_concept(tmp_path_factory):
     facts = root / "facts.txt"
     facts.write_text("<bo> has a red collar.\n")
     return prepare_concept(photos, "bo", root / "bo", class_word="dog", facts=facts)
+
+
+README = Path(__file__).parents[2] / "README.md"
+# Appended to the README's commands to fit the tier's budget: steps and batch sizes only.
+ALIGN_BUDGET = ["trainer.max_steps=1", "data.batch_size=1", "trainer.progress_bar=false", "trainer.checkpoint_every=0",
+                "trainer.val_every=0", "trainer.logger=csv"]
+PERSONALIZE_BUDGET = ["trainer.max_steps=2", "data.batch_size=2", "trainer.progress_bar=false",
+                      "trainer.checkpoint_every=0", "trainer.val_every=0", "trainer.logger=csv",
+                      "personalize.warmup_steps=0"]
+
+
+def real_path_commands() -> list[list[str]]:
+    """The `unipers ...` commands in the README's bash blocks under "From the demo to real checkpoints"."""
+    import re
+    import shlex
+
+    text = README.read_text()
+    section = text.split("## From the demo to real checkpoints", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == "unipers":
+                commands.append(words[1:])
+    return commands
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def base_digests(dirs) -> dict:
+    return {p.name: sha256(p) for p in (dirs[0] / "model.safetensors",
+                                        dirs[1] / "unet" / "diffusion_pytorch_model.safetensors")}
+
+
+@pytest.fixture(scope="session")
+def rs_base_digests():
+    """sha256 of the realshape folders' weight files, for checking that nothing wrote to the base."""
+    return base_digests
+
+
+@pytest.fixture(scope="session")
+def readme_commands() -> list[list[str]]:
+    return real_path_commands()
+
+
+@pytest.fixture(scope="session")
+def readme_run(rs_dirs, rs_concept, tmp_path_factory, unipers_run):
+    """The README's real path, as written, in a scratch folder with the realshape folders where the README
+    puts checkpoints (``checkpoints/anole-7b``, ``checkpoints/sd15``): the align stage docs/training.md
+    names, then every README real-path command. Returns (folder, base digests taken before any command).
+    Its configs ask for bf16 and UNet checkpointing (a CPU without bf16 kernels loads float32 and says so);
+    the other tests use its run (``runs/bo``), as a user would."""
+    import json
+
+    from PIL import Image
+
+    work = tmp_path_factory.mktemp("readme")
+    before = base_digests(rs_dirs)
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "anole-7b").symlink_to(rs_dirs[0])
+    (work / "checkpoints" / "sd15").symlink_to(rs_dirs[1])
+    (work / "data").mkdir()
+    (work / "data" / "bo").symlink_to(rs_concept)
+    pairs = work / "data" / "pairs"
+    (pairs / "images").mkdir(parents=True)
+    lines = []
+    for i, colour in enumerate(((200, 40, 40), (40, 200, 40))):
+        Image.new("RGB", (512, 512), colour).save(pairs / "images" / f"{i}.png")
+        lines.append(json.dumps({"image": f"images/{i}.png", "caption": f"a plain square number {i}"}))
+    (pairs / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    code, _, err = unipers_run("train", "base", "backbone/anole-7b", "decoder/sd15", "stage=align",
+                               "data.pairs=data/pairs", "run_dir=runs/align", *ALIGN_BUDGET, cwd=work)
+    assert code == 0, err[-3000:]
+    assert (work / "runs" / "align" / "connector.safetensors").is_file()
+    for command in real_path_commands():
+        code, _, err = unipers_run(*command, *PERSONALIZE_BUDGET, cwd=work)
+        assert code == 0, (command, err[-3000:])
+    return work, before

@@ -1,11 +1,12 @@
 """unipers' real commands at real width: personalize, ask, recognize, generate, eval and export on a random
 Anole-7B (1 decoder layer, 65,536-token vocabulary, 1,024 image tokens) and SD1.5 (512 px) built offline.
 
-The tests share one session's folders and one training run, in file order: training is the expensive part."""
+The tests share one session's folders and one training run, the README's (`readme_run` in conftest.py):
+training is the expensive part. Each command runs in its own process, in the README run's folder, with the
+run's own config, as a user would."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -15,32 +16,14 @@ import torch
 pytestmark = pytest.mark.realshape
 
 HIDDEN, VOCAB = 4096, 65536
-# Training asks for bf16 and UNet checkpointing, as configs/backbone/anole-7b.yaml and configs/decoder/sd15.yaml
-# do. On a CPU without bf16 kernels the weights load as float32 instead (unipers says so), and checkpointing
-# keeps that run's UNet activations (~6 GB per 512 px generation sample at batch 2) out of the peak.
-TRAIN = ["backbone.dtype=bfloat16", "decoder.dtype=bfloat16", "decoder.gradient_checkpointing=true",
-         "trainer.max_steps=2", "data.batch_size=2", "trainer.progress_bar=false", "trainer.checkpoint_every=0",
-         "trainer.val_every=0", "trainer.logger=csv", "personalize.warmup_steps=0"]
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
-def trained(rs_dirs, rs_models, rs_concept, tmp_path_factory, unipers_run):
-    """One 2-step personalize run; (concept file, run dir, base digests before)."""
-    before = {p.name: _sha(p) for p in (rs_dirs[0] / "model.safetensors", rs_dirs[1] / "unet" /
-                                        "diffusion_pytorch_model.safetensors")}
-    run = tmp_path_factory.mktemp("rs_run") / "bo"
-    code, out, err = unipers_run("train", "personalize", *rs_models, f"data.concepts=[{rs_concept}]",
-                                         f"run_dir={run}", *TRAIN)
-    assert code == 0, err[-3000:]
-    return run / "concepts" / "last.safetensors", run, before
+def trained(readme_run):
+    """The README run's <bo>: (concept file, run folder, base digests before it, scratch folder)."""
+    work, before = readme_run
+    run = work / "runs" / "bo"
+    return run / "concepts" / "last.safetensors", run, before, work
 
 
 def test_the_folders_have_the_published_shapes(rs_dirs):
@@ -63,10 +46,10 @@ def test_the_folders_have_the_published_shapes(rs_dirs):
     assert unet["sample_size"] == 64 and unet["attention_head_dim"] == 8 and unet["layers_per_block"] == 1
 
 
-def test_personalize_trains_only_the_concept_rows(trained, rs_dirs):
+def test_personalize_trains_only_the_concept_rows(trained, rs_dirs, rs_base_digests):
     from safetensors import safe_open
 
-    concept, run, before = trained
+    concept, run, before, _ = trained
     assert concept.is_file()
     # The default layout: identifier + 8 shared + 4 und + 4 gen input rows, and the identifier's head row.
     with safe_open(concept, "pt") as f:
@@ -74,25 +57,22 @@ def test_personalize_trains_only_the_concept_rows(trained, rs_dirs):
         widths = {f.get_slice(k).get_shape()[1] for k in f.keys()}
     assert rows == 18 and widths == {HIDDEN}
     assert concept.stat().st_size < 18 * HIDDEN * 4 + 64 * 1024  # KB-sized: float32 rows and a header
-    after = {p.name: _sha(p) for p in (rs_dirs[0] / "model.safetensors", rs_dirs[1] / "unet" /
-                                       "diffusion_pytorch_model.safetensors")}
-    assert after == before
+    assert rs_base_digests(rs_dirs) == before
 
 
-def test_ask_recognize_generate(trained, rs_models, rs_concept, unipers_run, tmp_path):
-    concept = trained[0]
-    sets = [a for m in rs_models for a in ("--set", m)]
-    code, out, err = unipers_run("ask", *sets, "--concept", concept, "--max-new-tokens", 4,
-                                         "What is <bo> doing?")
+def test_ask_recognize_generate(trained, rs_concept, unipers_run, tmp_path):
+    concept, run, _, work = trained
+    config = ["--config", run / "config.yaml", "--concept", concept]
+    code, out, err = unipers_run("ask", *config, "--max-new-tokens", 4, "What is <bo> doing?", cwd=work)
     assert code == 0, err[-2000:]
     assert out.strip()
     photo = sorted((Path(rs_concept) / "images").rglob("*.png"))[0]
-    code, out, err = unipers_run("recognize", *sets, "--concept", concept, "--image", photo)
+    code, out, err = unipers_run("recognize", *config, "--image", photo, cwd=work)
     assert code == 0, err[-2000:]
     assert photo.name in out
     # 512 px, the decoder's own size: 2 DDIM steps with guidance (UNet batch 2) and one 512 px VAE decode.
-    code, out, err = unipers_run("generate", *sets, "--concept", concept, "--steps", 2, "--out",
-                                         tmp_path / "gen", "A photo of <bo> on a beach.")
+    code, out, err = unipers_run("generate", *config, "--steps", 2, "--out", tmp_path / "gen",
+                                 "A photo of <bo> on a beach.", cwd=work)
     assert code == 0, err[-2000:]
     from PIL import Image
 
@@ -100,10 +80,10 @@ def test_ask_recognize_generate(trained, rs_models, rs_concept, unipers_run, tmp
     assert pngs and Image.open(pngs[0]).size == (512, 512)
 
 
-def test_eval_without_generation(trained, rs_models, rs_concept, unipers_run, tmp_path):
-    sets = [a for m in rs_models for a in ("--set", m)]
-    code, out, err = unipers_run("eval", *sets, "--concept", trained[0], "--data", rs_concept,
-                                         "--out", tmp_path / "eval", "--no-generation")
+def test_eval_without_generation(trained, rs_concept, unipers_run, tmp_path):
+    concept, run, _, work = trained
+    code, out, err = unipers_run("eval", "--config", run / "config.yaml", "--concept", concept, "--data", rs_concept,
+                                 "--out", tmp_path / "eval", "--no-generation", cwd=work)
     assert code == 0, err[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics

@@ -1,6 +1,5 @@
-"""The configuration schema: one dataclass per section, each field with its default and a docstring, and
-the checks that run when a section is built (a bad value raises ConfigError naming the key).
-`unipers.config` merges YAML files and overrides onto it."""
+"""The configuration schema: one dataclass per section (each field with its default and a docstring) and the
+checks run when a section is built (ConfigError naming the key); `unipers.config` merges YAML onto it."""
 
 from __future__ import annotations
 
@@ -340,10 +339,12 @@ class EvalConfig:
     """Prompts per forward pass when scoring answers (recognition, options, captions)."""
     baselines: list[str] = field(default_factory=lambda: ["none", "text", "image"])
     """Untrained-base rows: none (no personal info), text (a description in the prompt), image (a photo in context)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for every metric's 95% interval (0: none), seeded from eval.seed."""
 
     def __post_init__(self) -> None:
         _check_ranges("eval", self, {"images_per_prompt": (1, 1024), "steps": (1, 1000), "guidance": (0.0, 100.0),
-                                     "max_new_tokens": (1, 4096), "batch_size": (1, 4096)})
+                                     "max_new_tokens": (1, 4096), "batch_size": (1, 4096), "bootstrap": (0, 10**6)})
 
 
 @dataclass

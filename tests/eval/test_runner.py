@@ -1,5 +1,6 @@
 """The benchmark on the tiny models: negatives, the logit decision, option likelihood, and `unipers eval`
-end to end (report files that agree with metrics.json, baselines, --no-generation, --compare, --run)."""
+end to end (report files that agree with metrics.json, baselines, --no-generation, --compare, --run; the
+per-sample values, intervals and separation flags of those runs)."""
 
 import hashlib
 import json
@@ -15,7 +16,9 @@ from unipers.eval import runner
 from unipers.eval.prompts import PERSONAL
 from unipers.eval.runner import Evaluator
 from unipers.eval.scoring import Prompter, answer_logprobs
+from unipers.eval.stats import point
 from unipers.eval.targets import load_targets
+from unipers.eval.uncertainty import DOES_NOT_SEPARATE, SEPARATES, TOO_FEW, group_of, read_samples
 
 FAST = ["eval.max_new_tokens=4", "eval.steps=2", "eval.images_per_prompt=1", "eval.batch_size=4",
         "eval.prompts=['a photo of {concept}','{concept} in the snow']"]
@@ -136,6 +139,7 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
                 assert cell == (None if value is None else round(value, 4)), (block["method"], concept, key)
                 checked += 1
     assert checked > 100
+    check_intervals(out, result)
 
     # Without a CLIP path the run stops before any work, naming the key to set ...
     capsys.readouterr()
@@ -144,16 +148,65 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
     assert "eval.clip_path" in capsys.readouterr().err and not (tmp_path / "none").exists()
     # ... and --no-generation still gives every understanding metric.
     quick = tmp_path / "quick"
-    assert main(base + ["--out", str(quick), "--no-generation"]) == 0
-    understanding = json.loads((quick / "metrics.json").read_text())["concepts"]["bo"]
+    assert main(base + ["--out", str(quick), "--no-generation", "--bootstrap", "0"]) == 0
+    quick_result = json.loads((quick / "metrics.json").read_text())
+    understanding = quick_result["concepts"]["bo"]
     assert "clip_i" not in understanding
     assert {k: v for k, v in bo.items() if k in understanding} == understanding  # same seeds, same answers
+    assert "ci" not in quick_result and "confidence intervals" not in (quick / "report.md").read_text()
+    assert (quick / "samples.jsonl").is_file()  # --bootstrap 0: no intervals, the samples all the same
 
     capsys.readouterr()
-    assert main(["eval", "--compare", str(out), str(quick)]) == 0
+    assert main(["eval", "--compare", str(out), str(quick), "--out", str(tmp_path / "cmp")]) == 0
     table = capsys.readouterr().out
     assert re.search(r"concept file\s+bo\s+Rec\. weighted\s+\S+\s+\S+\s+\+0\.0000", table)
     assert re.search(r"concept file\s+mean\s+CLIP-I\s+\d\.\d{4}\s+–\s+–", table)
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    rows = {(r["method"], r["concept"], r["metric"]): r for r in compared["rows"]}
+    for concept in ("bo", "mam", "mean"):  # the same answers: no difference, p = 1
+        r = rows[(PERSONAL, concept, "recognition/weighted")]
+        assert r["pairs"] == 2 * (2 if concept == "mean" else 1) and r["diff"] == 0 and r["p_value"] == 1.0, r
+    assert rows[(PERSONAL, "bo", "qa/sum")]["pairs"] == 1 and rows[(PERSONAL, "bo", "clip_i")]["pairs"] == 0
+    assert rows[("none", "bo", "caption/recall")]["pairs"] == 0  # baselines only in A: nothing to pair
+    assert "| bo | Rec. weighted |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def check_intervals(out, result):
+    """Every metric of every block has its samples in samples.jsonl (their mean is the metric) and a
+    bootstrap interval; baselines say where they separate, as report.md does."""
+    from unipers.eval.prompts import METHOD_TITLES
+    from unipers.eval.report import COLUMNS, fmt_ci
+
+    assert result["settings"]["bootstrap"] == 1000 and result["settings"]["bootstrap_seed"] == 0
+    samples = read_samples(out / "samples.jsonl")
+    report = (out / "report.md").read_text()
+    for block in result["results"]:
+        kept = samples.get((block["method"], block["checkpoint"]), {})
+        for concept, values in block["concepts"].items():
+            for key, value in values.items():
+                entry = kept[concept][key]
+                assert point([group_of(entry)]) == pytest.approx(value, abs=1e-6), (block["method"], concept, key)
+                interval = block["ci"]["concepts"][concept][key]
+                assert interval["ci_low"] <= interval["ci_high"] and interval["n"] == len(entry["values"])
+                assert fmt_ci(interval) in report
+        assert set(block["ci"]["mean"]) == {k for k, v in block["mean"].items() if v is not None}
+    assert samples[(PERSONAL, "concepts")]["bo"]["recognition/weighted"]["strata"] == ["pos", "neg"]
+    assert result["ci"] == result["results"][0]["ci"] and "## 95% confidence intervals" in report
+    judged = 0
+    for block in result["results"][1:]:
+        sep = block["separation"]
+        for concept, flags in [*sep["concepts"].items(), ("mean", sep["mean"])]:
+            # 1 or 2 samples per stratum here: a bootstrap of so few is a point, and judges nothing
+            assert set(flags.values()) == {TOO_FEW} and "caption/recall" in flags
+            assert not any(k.endswith("/unparsed") for k in flags)
+            title = METHOD_TITLES[block["method"]]
+            for verdict, cell in zip((DOES_NOT_SEPARATE, TOO_FEW, SEPARATES), (3, 4, 5)):
+                names = [COLUMNS[k] for k, v in flags.items() if v == verdict]
+                row = next(line for line in report.splitlines() if line.startswith(f"| {title} | {concept} | ")
+                           and line.count("|") == 6)
+                assert sorted(c for c in row.split("|")[cell].strip().split(", ") if c != "–") == sorted(names)
+            judged += len(flags)
+    assert judged > 20 and "## Separation from the baselines" in report
 
 
 def test_eval_over_a_runs_step_files_plots_curves(concept_files, prepared_concepts, tmp_path):
@@ -174,3 +227,5 @@ def test_eval_over_a_runs_step_files_plots_curves(concept_files, prepared_concep
                                                                           ("last", 20)]
     assert (out / "curves.png").stat().st_size > 1000 and "Over training" in (out / "report.md").read_text()
     assert list(result["concepts"]) == ["bo"]  # mam has a folder but no concept file: not evaluated
+    samples = read_samples(out / "samples.jsonl")  # every checkpoint keeps its samples and intervals
+    assert {k for k, _ in samples} == {PERSONAL} and len(samples) == 3 and all("ci" in b for b in result["results"])

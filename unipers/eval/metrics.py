@@ -6,6 +6,7 @@
     option_choices({"A": [-1.0, -2.0], "B": [-2.5]})                 # ("A", "B"): argmax of sum, of mean
     mean_pairwise_cosine(generated, references)                      # CLIP-I / DINO
     mean_paired_cosine(images, texts)                                # CLIP-T (a cosine, not CLIP's x100 logit)
+    pairwise_cosine_rows(generated, references), paired_cosines(images, texts)   # the same, per image
 
 Nothing here loads a model: the runner computes decisions, log-probs and embeddings, these functions
 score them, and the tests check them on cases with known answers.
@@ -145,6 +146,21 @@ def mean_pairwise_cosine(a: Tensor, b: Tensor) -> float:
     if a.numel() == 0 or b.numel() == 0:
         raise ValueError("mean_pairwise_cosine needs at least one embedding on each side")
     return float((normalize(a) @ normalize(b).T).mean())
+
+
+def pairwise_cosine_rows(a: Tensor, b: Tensor) -> list[float]:
+    """Per row of a, its mean cosine with every row of b: CLIP-I / DINO per generated image (their mean is
+    `mean_pairwise_cosine`)."""
+    if a.numel() == 0 or b.numel() == 0:
+        raise ValueError("pairwise_cosine_rows needs at least one embedding on each side")
+    return (normalize(a) @ normalize(b).T).mean(1).tolist()
+
+
+def paired_cosines(a: Tensor, b: Tensor) -> list[float]:
+    """Cosine of row i of a with row i of b: CLIP-T per image (their mean is `mean_paired_cosine`)."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired embeddings must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return (normalize(a) * normalize(b)).sum(-1).tolist()
 
 
 def mean_paired_cosine(a: Tensor, b: Tensor) -> float:

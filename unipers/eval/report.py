@@ -1,7 +1,8 @@
-"""Benchmark outputs: metrics.json, report.md, image grids, training curves, and run comparisons.
+"""Benchmark outputs: metrics.json, report.md (with intervals and separation), image grids, training curves.
 
     write_all(result, "eval/bo")         # metrics.json + report.md (+ curves.png when curves=True)
-    compare("eval/a", "eval/b")          # text table of both runs' metrics with deltas (unipers eval --compare)
+
+(`unipers eval --compare` is compare.py; per-sample values and intervals are uncertainty.py.)
 
 report.md is rendered from the same dict that metrics.json holds, with every number rounded to 4 places,
 so a test can check that the table says what the JSON says.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from unipers.eval.prompts import METHOD_TITLES, PERSONAL
+from unipers.eval.uncertainty import DOES_NOT_SEPARATE, MIN_SAMPLES, SEPARATES, TOO_FEW
 
 # metric key -> column header, in table order; keys not listed follow in the order they appear
 COLUMNS = {
@@ -41,7 +43,10 @@ NOTES = """\
   generated image with its prompt, the concept written as its class word ("a photo of a dog"). All are
   plain cosines of L2-normalized embeddings (CLIP-T is *not* CLIPScore's 100 x cosine), images
   preprocessed by the checkpoint's own processor from 8-bit RGB.
-- Mean rows are macro means over concepts (each concept counts once)."""
+- Mean rows are macro means over concepts (each concept counts once).
+- Intervals: 95% percentile bootstrap over each metric's samples (images, questions, generated images);
+  the weighted recognition resamples positives and negatives apart; a mean row's interval resamples
+  within every concept, the concepts fixed. Per-sample values are in samples.jsonl."""
 
 
 def fmt(value) -> str:
@@ -50,9 +55,15 @@ def fmt(value) -> str:
     return f"{value:.4f}"
 
 
+def order_metrics(keys) -> list[str]:
+    """Metric keys in table order: COLUMNS' order, then the others as they come."""
+    present = list(dict.fromkeys(keys))
+    return [k for k in COLUMNS if k in present] + [k for k in present if k not in COLUMNS]
+
+
 def _columns(blocks: list[dict]) -> list[str]:
-    present = [k for b in blocks for m in (*b["concepts"].values(), b["mean"]) for k, v in m.items() if v is not None]
-    return [k for k in COLUMNS if k in present] + [k for k in dict.fromkeys(present) if k not in COLUMNS]
+    return order_metrics(k for b in blocks for m in (*b["concepts"].values(), b["mean"])
+                         for k, v in m.items() if v is not None)
 
 
 def table_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -64,6 +75,42 @@ def table_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
         title = METHOD_TITLES.get(b["method"], b["method"])
         for name, m in [*b["concepts"].items(), ("mean", b["mean"])]:
             rows.append([title, b["checkpoint"], name, *(fmt(m.get(k)) for k in keys)])
+    return header, rows
+
+
+def fmt_ci(interval: Optional[dict]) -> str:
+    """[low, high], marked † when a stratum has fewer than MIN_SAMPLES samples (too narrow to trust)."""
+    if not interval:
+        return "–"
+    few = " †" if interval.get("n_min", MIN_SAMPLES) < MIN_SAMPLES else ""
+    return f"[{interval['ci_low']:.4f}, {interval['ci_high']:.4f}]{few}"
+
+
+def ci_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the intervals table: the same rows and columns as `table_rows`."""
+    keys = _columns(blocks)
+    header = ["method", "checkpoint", "concept", *(COLUMNS.get(k, k) for k in keys)]
+    rows = []
+    for b in blocks:
+        ci = b.get("ci") or {"concepts": {}, "mean": {}}
+        for name, m in [*((n, ci["concepts"].get(n, {})) for n in b["concepts"]), ("mean", ci["mean"])]:
+            rows.append([METHOD_TITLES.get(b["method"], b["method"]), b["checkpoint"], name,
+                         *(fmt_ci(m.get(k)) for k in keys)])
+    return header, rows
+
+
+def separation_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per baseline and concept (and mean), the metrics that do and do not separate."""
+    header = ["baseline", "concept", DOES_NOT_SEPARATE, TOO_FEW, SEPARATES]
+    rows = []
+    for b in blocks:
+        sep = b.get("separation")
+        if not sep:
+            continue
+        for name, judged in [*sep["concepts"].items(), ("mean", sep["mean"])]:
+            cells = [", ".join(COLUMNS.get(k, k) for k in order_metrics(judged) if judged[k] == v) or "–"
+                     for v in (DOES_NOT_SEPARATE, TOO_FEW, SEPARATES)]
+            rows.append([METHOD_TITLES.get(b["method"], b["method"]), name, *cells])
     return header, rows
 
 
@@ -80,6 +127,18 @@ def render_markdown(result: dict) -> str:
     out = ["# unipers eval", ""]
     if main:
         out += [markdown_table(*table_rows(main)), ""]
+    s = result["settings"]
+    if any("ci" in b for b in main):
+        out += ["## 95% confidence intervals", "",
+                f"Percentile bootstrap, {s.get('bootstrap')} resamples, seed {s.get('bootstrap_seed')} "
+                "(see [How the numbers are computed](#how-the-numbers-are-computed)). † marks an interval with "
+                f"fewer than {MIN_SAMPLES} samples in a stratum or concept: too narrow to trust (1 sample gives "
+                "a point).", "",
+                markdown_table(*ci_rows(main)), ""]
+    separation = separation_rows(main)
+    if separation[1]:
+        out += ["## Separation from the baselines", "", f"Rule: {result.get('separation_rule', '')}.", "",
+                markdown_table(*separation), ""]
     if len(personal) > 1:
         curve = [{**b, "concepts": {}} for b in personal]
         out += ["## Over training (mean over concepts)", "", markdown_table(*table_rows(curve)), "",
@@ -93,7 +152,6 @@ def render_markdown(result: dict) -> str:
         step = f", step {rec['step']}" if rec["step"] is not None else ""
         out.append(f"- `{path}`: sha256 {rec['sha256'][:16]}…, base {rec['base_fingerprint']}, "
                    f"concepts {', '.join(rec['concepts'])}{step}")
-    s = result["settings"]
     out += ["", "## Settings", "", "```json", json.dumps(s, indent=2), "```", ""]
     return "\n".join(out)
 
@@ -165,20 +223,3 @@ def final_rows(result: dict) -> dict[tuple[str, str], dict]:
         for name, m in [*b["concepts"].items(), ("mean", b["mean"])]:
             rows[(b["method"], name)] = m
     return rows
-
-
-def compare(dir_a: str | Path, dir_b: str | Path) -> str:
-    """Both runs' metrics side by side, B - A in the last column."""
-    a, b = (json.loads((Path(d) / "metrics.json").read_text(encoding="utf-8")) for d in (dir_a, dir_b))
-    ra, rb = final_rows(a), final_rows(b)
-    header = ["method", "concept", "metric", f"A ({Path(dir_a).name})", f"B ({Path(dir_b).name})", "B - A"]
-    rows = []
-    for key in dict.fromkeys([*ra, *rb]):
-        ma, mb = ra.get(key, {}), rb.get(key, {})
-        for metric in dict.fromkeys([*ma, *mb]):
-            va, vb = ma.get(metric), mb.get(metric)
-            delta = f"{vb - va:+.4f}" if va is not None and vb is not None else "–"
-            title = METHOD_TITLES.get(key[0], key[0])
-            rows.append([title, key[1], COLUMNS.get(metric, metric), fmt(va), fmt(vb), delta])
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])

@@ -13,6 +13,9 @@ Methods: ``personal`` (the concept files) and the baselines of the untrained bas
   after the question) and by the generated answer's option letter or text;
 - caption recall ("Describe this photo."): the caption names the concept;
 - generation over the prompt templates: CLIP-I, CLIP-T (cosine), DINO; the images go to a grid.
+
+Every mean keeps its per-sample values (uncertainty.py: OUT/samples.jsonl) and gets a percentile bootstrap
+interval (block["ci"]); baseline blocks say where they do not separate from the concept files.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from unipers.eval.prompts import (BASELINES, CAPTION_QUESTION, GENERATION_TEMPLA
                                   generation_prompt)
 from unipers.eval.scoring import Prompter, answer_logprobs, first_token_logits, generate_answers
 from unipers.eval.targets import EvalTarget, content_key, expand_data_dirs, load_targets
+from unipers.eval.uncertainty import digest, record, unique_ids
 
 
 @dataclass
@@ -46,6 +50,8 @@ class EvalRequest:
     device: Optional[str] = None
     overwrite: bool = False
     """Replace `out` when an earlier eval wrote it (never another folder, nor one holding an input)."""
+    bootstrap: Optional[int] = None
+    """Bootstrap resamples of each interval (0: none); None: eval.bootstrap if the schema has it, else 1000."""
 
 
 class Evaluator:
@@ -79,24 +85,28 @@ class Evaluator:
 
     def evaluate(self, target: EvalTarget, method: str, grid_name: Optional[str] = None) -> tuple[dict, dict]:
         """(metrics, counts) of one concept under one method."""
+        return self.score(target, method, grid_name)[:2]
+
+    def score(self, target: EvalTarget, method: str, grid_name: Optional[str] = None) -> tuple[dict, dict, dict]:
+        """(metrics, counts, per-sample values: metric -> entry as in uncertainty.record) of one concept."""
         ref = self.tokens(target.references[:1])[0] if target.references else None
         if method == "image" and ref is None:
-            return {}, {"skipped": "no train photo to place in context"}
+            return {}, {"skipped": "no train photo to place in context"}, {}
         p = Prompter(self.session, target, method, ref)
-        metrics, counts = {}, {}
-        self._recognition(target, p, metrics, counts)
+        metrics, counts, per_sample = {}, {}, {}
+        self._recognition(target, p, metrics, counts, per_sample)
         for task, samples in target.choices.items():
-            self._choices(task, samples, p, metrics, counts)
-        self._captions(target, p, metrics, counts)
+            self._choices(task, samples, p, metrics, counts, per_sample)
+        self._captions(target, p, metrics, counts, per_sample)
         if self.clip is not None:
-            self._generation(target, method, ref, metrics, counts, grid_name)
-        return metrics, counts
+            self._generation(target, method, ref, metrics, counts, grid_name, per_sample)
+        return metrics, counts, per_sample
 
     # ---- understanding ----------------------------------------------------------------------------------
     def _answers(self, seqs: list[list[int]]) -> list[tuple[list[int], str]]:
         return generate_answers(self.session, seqs, self.s.max_new_tokens, self.s.batch_size)
 
-    def _recognition(self, t: EvalTarget, p: Prompter, metrics: dict, counts: dict) -> None:
+    def _recognition(self, t: EvalTarget, p: Prompter, metrics: dict, counts: dict, per_sample=None) -> None:
         images, labels = [*t.positives, *t.negatives], [True] * len(t.positives) + [False] * len(t.negatives)
         if not images:
             return
@@ -107,15 +117,23 @@ class Evaluator:
         logits = first_token_logits(self.session, seqs, self.s.batch_size)
         by_logit = self.session.backbone.says_yes(logits).tolist()
         by_text = [M.parse_yes_no(text) for _, text in self._answers(seqs)]
+        ids, n_pos = [content_key(i) for i in images], len(t.positives)
+        strata = ["pos"] * n_pos + ["neg"] * len(t.negatives)
         for key, decisions in (("recognition", by_logit), ("recognition_text", by_text)):
             acc = M.recognition_accuracy(decisions, labels)
             metrics.update({f"{key}/{k}": acc[k] for k in ("pos", "neg", "weighted")})
+            right = [(d is True) if y else (d is False) for d, y in zip(decisions, labels)]  # None: wrong
+            record(per_sample, f"{key}/pos", ids[:n_pos], right[:n_pos])
+            record(per_sample, f"{key}/neg", ids[n_pos:], right[n_pos:])
+            if acc["weighted"] is not None:
+                record(per_sample, f"{key}/weighted", ids, right, strata=strata)
             if key == "recognition_text":
                 metrics[f"{key}/unparsed"] = acc["unparsed_rate"]
                 counts[f"{key}/unparsed"] = acc["unparsed"]
+                record(per_sample, f"{key}/unparsed", ids, [d is None for d in decisions])
         counts.update({"recognition/n_pos": len(t.positives), "recognition/n_neg": len(t.negatives)})
 
-    def _choices(self, task: str, samples, p: Prompter, metrics: dict, counts: dict) -> None:
+    def _choices(self, task: str, samples, p: Prompter, metrics: dict, counts: dict, per_sample=None) -> None:
         if not samples:
             return
         prompts, answers, owners = [], [], []
@@ -131,23 +149,29 @@ class Evaluator:
             gen_seqs.append(p.question(head + choice_question(s.question, s.options), images))
             texts.append({k: p.rewrite(v) for k, v in s.options.items()})
         logprobs = answer_logprobs(self.session, prompts, answers, self.s.batch_size)
-        per_sample: list[dict[str, list[float]]] = [{} for _ in samples]
+        by_option: list[dict[str, list[float]]] = [{} for _ in samples]
         for (i, letter), lp in zip(owners, logprobs):
-            per_sample[i][letter] = lp
-        by_sum, by_mean = zip(*(M.option_choices(d) for d in per_sample))
+            by_option[i][letter] = lp
+        by_sum, by_mean = zip(*(M.option_choices(d) for d in by_option))
         parsed = [M.parse_option(text, opts) for (_, text), opts in zip(self._answers(gen_seqs), texts)]
         gold = [s.answer for s in samples]
         metrics.update({f"{task}/sum": M.accuracy(by_sum, gold), f"{task}/mean": M.accuracy(by_mean, gold),
                         f"{task}/generation": M.accuracy(parsed, gold),
                         f"{task}/unparsed": sum(x is None for x in parsed) / len(parsed)})
         counts.update({f"{task}/n": len(samples), f"{task}/unparsed": sum(x is None for x in parsed)})
+        ids = unique_ids([digest(s.question, content_key(p.target.folder / s.image) if s.image else "",
+                                 sorted(s.options.items()), s.answer) for s in samples])
+        for key, chosen in (("sum", by_sum), ("mean", by_mean), ("generation", parsed)):
+            record(per_sample, f"{task}/{key}", ids, [c == g for c, g in zip(chosen, gold)])
+        record(per_sample, f"{task}/unparsed", ids, [x is None for x in parsed])
 
-    def _captions(self, t: EvalTarget, p: Prompter, metrics: dict, counts: dict) -> None:
+    def _captions(self, t: EvalTarget, p: Prompter, metrics: dict, counts: dict, per_sample=None) -> None:
         if not t.positives:
             return
         seqs = [p.question(f"{IMAGE}\n{CAPTION_QUESTION}", [tok]) for tok in self.tokens(t.positives)]
         named = [M.names_concept(text, t.name, ids, p.identifier_id) for ids, text in self._answers(seqs)]
         metrics["caption/recall"] = M.caption_recall(named)
+        record(per_sample, "caption/recall", [content_key(i) for i in t.positives], named)
         counts["caption/n"] = len(named)
 
     # ---- generation -------------------------------------------------------------------------------------
@@ -171,28 +195,33 @@ class Evaluator:
 
     @torch.no_grad()
     def _generation(self, t: EvalTarget, method: str, ref: Optional[Tensor], metrics: dict, counts: dict,
-                    grid_name: Optional[str]) -> None:
+                    grid_name: Optional[str], per_sample=None) -> None:
         from unipers.eval.prompts import context
 
         prefix, _ = context(t.name, method, t.class_word, t.facts)
-        clip_img, dino_img, drawn, class_texts = [], [], [], []
+        clip_img, dino_img, drawn, class_texts, ids = [], [], [], [], []
         for template in self.templates:
             images = self._draw(prefix + generation_prompt(template, t.name, method, t.class_word), method, ref)
             clip_img.append(self.clip.images(images))
             if self.dino is not None:
                 dino_img.append(self.dino.images(images))
             drawn.append((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            ids += [f"{digest(template)}/{i}" for i in range(len(images))]  # the prompt and its i-th seed
             if t.class_word:
                 class_texts += [class_prompt(template, t.class_word)] * len(images)
-        gen = torch.cat(clip_img)
+        gen, ids = torch.cat(clip_img), unique_ids(ids)
         counts["generation/n_images"] = len(gen)
         if t.references:
             refs = self._references(t)
             metrics["clip_i"] = M.mean_pairwise_cosine(gen, refs["clip"])
+            record(per_sample, "clip_i", ids, M.pairwise_cosine_rows(gen, refs["clip"]))
             if self.dino is not None:
                 metrics["dino"] = M.mean_pairwise_cosine(torch.cat(dino_img), refs["dino"])
+                record(per_sample, "dino", ids, M.pairwise_cosine_rows(torch.cat(dino_img), refs["dino"]))
         if class_texts:  # CLIP-T needs a class word to write the prompt without the concept
-            metrics["clip_t"] = M.mean_paired_cosine(gen, self.clip.texts(class_texts))
+            texts = self.clip.texts(class_texts)
+            metrics["clip_t"] = M.mean_paired_cosine(gen, texts)
+            record(per_sample, "clip_t", ids, M.paired_cosines(gen, texts))
         if self.grids is not None and grid_name:
             from unipers.eval.report import save_grid
 
@@ -222,11 +251,12 @@ def file_record(path: Path) -> dict:
             "concepts": [c["name"] for c in meta["concepts"]], "step": int(meta["step"]) if "step" in meta else None}
 
 
-def _block(method: str, label: str, step, files, rows: dict[str, tuple[dict, dict]]) -> dict:
-    keys = list(dict.fromkeys(k for m, _ in rows.values() for k in m))
-    mean = {k: M.mean_of([m.get(k) for m, _ in rows.values()]) for k in keys}
+def _block(method: str, label: str, step, files, rows: dict[str, tuple]) -> dict:
+    """One method's (and checkpoint's) results from its rows: concept -> (metrics, counts, per-sample)."""
+    keys = list(dict.fromkeys(k for m, *_ in rows.values() for k in m))
+    mean = {k: M.mean_of([m.get(k) for m, *_ in rows.values()]) for k in keys}
     return {"method": method, "checkpoint": label, "step": step, "files": [str(f) for f in files],
-            "concepts": {n: m for n, (m, _) in rows.items()}, "counts": {n: c for n, (_, c) in rows.items()},
+            "concepts": {n: m for n, (m, *_) in rows.items()}, "counts": {n: c for n, (_, c, *_) in rows.items()},
             "mean": mean}
 
 
@@ -234,7 +264,7 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
     """Evaluate, write metrics.json, report.md and grids (and curves.png for a run); returns the results.
 
     A `session` passed in is reused (and left with no concepts loaded); by default one is built from `cfg`."""
-    from unipers.eval import report
+    from unipers.eval import report, uncertainty
     from unipers.eval.models import ClipEmbedder, DinoEmbedder
     from unipers.inference.session import InferenceSession
     from unipers.io import atomic_directory, check_output
@@ -245,6 +275,7 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
     check_output(out, overwrite=request.overwrite, inputs=inputs)  # before any slow work
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = cfg.eval
+    resamples, boot_seed = uncertainty.bootstrap_settings(settings, request.bootstrap)
     if settings.prompts:
         check_templates(settings.prompts)
     unknown = [b for b in settings.baselines if b not in BASELINES]
@@ -270,7 +301,7 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
         ev = Evaluator(session, settings, clip=clip, dino=dino, grids=grids)
         groups = ([(f.stem, records[str(f)]["step"], [f]) for f in files] if request.run_dir
                   else [("concepts", None, files)] if files else [])
-        blocks, evaluated = [], None
+        blocks, samples, evaluated = [], [], None
         for i, (label, step, group) in enumerate(groups):
             session.unload()  # the next file may hold the same names (a run's step files)
             names = [n for f in group for n in session.load(f)]
@@ -281,8 +312,9 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
             for name, t in targets.items():
                 log(f"eval: {label} {name}")
                 grid = name if last else f"{name}_{label}"
-                rows[name] = ev.evaluate(t, PERSONAL, grid)
+                rows[name] = ev.score(t, PERSONAL, grid)
             blocks.append(_block(PERSONAL, label, step, group, rows))
+            samples.append({n: r[2] for n, r in rows.items()})
         if request.baselines:
             targets = evaluated if evaluated is not None else load_targets(folders)
             with session.concepts_disabled():  # the untrained base: no concept rows at all
@@ -290,13 +322,19 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
                     rows = {}
                     for name, t in targets.items():
                         log(f"eval: base ({method}) {name}")
-                        rows[name] = ev.evaluate(t, method, f"{name}_base-{method}")
+                        rows[name] = ev.score(t, method, f"{name}_base-{method}")
                     blocks.append(_block(method, "base", None, [], rows))
+                    samples.append({n: r[2] for n, r in rows.items()})
         session.unload()
+        uncertainty.add_intervals(blocks, samples, resamples, boot_seed)
+        uncertainty.add_separation(blocks)
         targets = evaluated if evaluated is not None else load_targets(folders)
         result = {
             "settings": {**dataclasses.asdict(settings), "generation": request.generation,
-                         "templates": ev.templates if request.generation else [], "device": device},
+                         "templates": ev.templates if request.generation else [], "device": device,
+                         "bootstrap": resamples, "bootstrap_seed": boot_seed},
+            "per_sample": {"file": uncertainty.SAMPLES_FILE, "one line per": "method, checkpoint, concept, metric",
+                           "metric": "mean over strata of each stratum's mean of values (one stratum: the mean)"},
             "config": dataclasses.asdict(cfg),
             "models": {"backbone": cfg.backbone.path, "decoder": cfg.decoder.path, "connector": cfg.connector.path,
                        "fingerprints": session.model.fingerprints},
@@ -307,5 +345,10 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
         final = [b for b in blocks if b["method"] == PERSONAL]
         if final:
             result["concepts"], result["mean"] = final[-1]["concepts"], final[-1]["mean"]
+            if "ci" in final[-1]:
+                result["ci"] = final[-1]["ci"]
+        if resamples:
+            result["separation_rule"] = uncertainty.SEPARATION_RULE
+        uncertainty.write_samples(tmp / uncertainty.SAMPLES_FILE, blocks, samples)
         report.write_all(result, tmp, curves=bool(request.run_dir))
     return result

@@ -59,15 +59,16 @@ def _say(msg: str, quiet: bool) -> None:
 
 # ---- the concept's photos ---------------------------------------------------------------------------------
 
-def write_photos(folder: Path, seed: int) -> dict:
-    """The demo object's photos and its negatives, as PNG folders; returns {role: [paths]} and the objects."""
+def write_photos(folder: Path, seed: int, obj=None, tag: str = "demo") -> dict:
+    """The photos of ``obj`` (default the demo object) and its negatives, as PNG folders; returns {role:
+    [paths]}. ``tag`` seeds the draws (another object's photos use another tag: unipers.world.compose)."""
     from unipers.world.build import demo_object
     from unipers.world.synth import all_objects, near_misses, render
 
-    obj = demo_object()
+    obj = obj or demo_object()
     near = near_misses(obj)
     others = [o for o in all_objects() if o.shared(obj) < 2]
-    rng = random.Random(f"demo/{seed}/negatives")
+    rng = random.Random(f"{tag}/{seed}/negatives")
     roles = {
         "train": [obj] * N_TRAIN, "val": [obj] * N_VAL, "test": [obj] * N_TEST,
         # near-misses (two of three attributes shared) are half of every negative set
@@ -83,16 +84,17 @@ def write_photos(folder: Path, seed: int) -> dict:
         out[role] = []
         for i, o in enumerate(objects):
             path = folder / role / f"{role}_{i:03d}.png"
-            render(o, random.Random(f"demo/{seed}/{role}/{i}")).save(path)
+            render(o, random.Random(f"{tag}/{seed}/{role}/{i}")).save(path)
             out[role].append(path)
             truth[str(path.relative_to(folder))] = o.attributes()
     (folder / "objects.json").write_text(json.dumps(truth, indent=1) + "\n")
     return out
 
 
-def prepare(photos: Path, out: Path, seed: int) -> Path:
+def prepare(photos: Path, out: Path, seed: int, name: str = NAME, obj=None, facts=FACTS) -> Path:
     """The photos -> a prepared concept folder through the project's own prepare path (validation,
-    samples, manifest), with the held-out test split the benchmark protocol uses."""
+    samples, manifest), with the held-out test split the benchmark protocol uses. ``name``, ``obj``
+    (default the demo object: its shape is the class word) and ``facts`` default to the demo's."""
     from unipers.data.images import load_photos
     from unipers.data.prepare import ConceptInputs, PrepareOptions, build_prepared
     from unipers.world.build import demo_object
@@ -100,12 +102,12 @@ def prepare(photos: Path, out: Path, seed: int) -> Path:
     def load(role: str):
         return load_photos(photos / role, min_side=32).photos
 
-    facts = [{"question": q, "answer": a} for q, a, _ in FACTS]
+    fact_pairs = [{"question": q, "answer": a} for q, a, _ in facts]
     negatives = [p.path for p in load("negatives")] + [p.path for p in load("val_negatives")]
     inputs = ConceptInputs(
-        name=NAME, train=load("train"), val=load("val"), test=load("test"),
+        name=name, train=load("train"), val=load("val"), test=load("test"),
         test_negatives=[p.path for p in load("test_negatives")], given_negatives=negatives,
-        class_word=demo_object().shape, fact_pairs=facts, facts_source="demo facts")
+        class_word=(obj or demo_object()).shape, fact_pairs=fact_pairs, facts_source="demo facts")
     opts = PrepareOptions(min_side=32, quiet=True, questions_per_photo=8)
     val_share = N_NEG_VAL / (N_NEG_TRAIN + N_NEG_VAL)  # prepare holds this share of the negatives out
     return build_prepared(inputs, out, seed=seed, val_fraction=val_share, overwrite=True, options=opts)
@@ -113,11 +115,13 @@ def prepare(photos: Path, out: Path, seed: int) -> Path:
 
 # ---- training -------------------------------------------------------------------------------------------
 
-def demo_config(root: Path, out: Path, s: DemoSettings):
+def demo_config(root: Path, out: Path, s: DemoSettings, concepts=None):
+    """The demo's training config; ``concepts``: prepared folders (default OUT/data/bo)."""
     from unipers.world.build import RECIPE, world_config
 
+    folders = ",".join(str(f) for f in concepts) if concepts else out / "data" / NAME
     return world_config(root, [
-        f"seed={s.seed}", f"run_dir={out / 'run'}", f"data.concepts=[{out / 'data' / NAME}]",
+        f"seed={s.seed}", f"run_dir={out / 'run'}", f"data.concepts=[{folders}]",
         f"data.batch_size={s.batch_size}", f"trainer.max_steps={s.steps}", f"trainer.lr={s.lr}",
         "trainer.weight_decay=0.0", "trainer.accelerator=cpu", f"trainer.cpu_threads={RECIPE.threads}",
         f"trainer.val_every={max(1, s.steps // 3)}",
@@ -158,6 +162,17 @@ def attribute_match(classifier, images, target) -> dict:
     return {"mean": hits.mean().item(), **per, "n_images": len(images)}
 
 
+def recognition_rates(probs, n_pos: int) -> dict:
+    """Shares accepted / rejected of P(yes) per photo: positives first (``n_pos``), then negatives, whose
+    first N_TEST_NEAR are the near-misses (write_photos' test_negatives)."""
+    pos = [p > 0.5 for p in probs[:n_pos]]
+    neg = [p <= 0.5 for p in probs[n_pos:]]
+    near = neg[:N_TEST_NEAR]
+    recognition = {"pos": sum(pos) / len(pos), "neg": sum(neg) / len(neg), "near_miss_neg": sum(near) / len(near)}
+    recognition["weighted"] = (recognition["pos"] + recognition["neg"]) / 2
+    return recognition
+
+
 def measure(session, concept_file: Path, photos: dict, classifier, s: DemoSettings, images_dir: Path, tag: str) -> dict:
     """Ask, recognize and generate with one concept file loaded."""
     from torchvision.utils import save_image
@@ -173,12 +188,7 @@ def measure(session, concept_file: Path, photos: dict, classifier, s: DemoSettin
     caption = session.ask("Describe this image.", [photos["test"][0]], max_new_tokens=24)
     who = session.ask("Is <bo> in this photo?", [photos["test"][0]], max_new_tokens=16, described=True)
     probs = session.recognize(NAME, [*photos["test"], *photos["test_negatives"]])
-    n_pos = len(photos["test"])
-    pos = [p > 0.5 for p in probs[:n_pos]]
-    neg = [p <= 0.5 for p in probs[n_pos:]]
-    near = neg[:N_TEST_NEAR]
-    recognition = {"pos": sum(pos) / len(pos), "neg": sum(neg) / len(neg), "near_miss_neg": sum(near) / len(near)}
-    recognition["weighted"] = (recognition["pos"] + recognition["neg"]) / 2
+    recognition = recognition_rates(probs, len(photos["test"]))
     images = session.generate([f"A photo of <{NAME}>."], seed=s.seed, num_images=N_GEN, steps=s.gen_steps,
                               guidance=s.guidance).tensors
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -205,11 +215,16 @@ def class_word_generation(session, classifier, s: DemoSettings, images_dir: Path
 
 def held_out_eval(cfg, session, concept_file: Path, data: Path, out: Path) -> dict:
     """``unipers eval`` (no generation: the world has no CLIP) on the held-out split."""
+    return held_out_results(cfg, session, [concept_file], [data], out)["mean"]
+
+
+def held_out_results(cfg, session, concept_files, data, out: Path) -> dict:
+    """``held_out_eval`` of concept files loaded together into one session, each concept scored on its own
+    prepared folder of ``data``: the whole result (per concept: ``result["concepts"][name]``)."""
     from unipers.eval.runner import EvalRequest, run_eval
 
-    result = run_eval(cfg, EvalRequest(concept_files=[concept_file], data=[data], out=out, generation=False),
-                      session=session, log=lambda m: None)
-    return result["mean"]
+    return run_eval(cfg, EvalRequest(concept_files=list(concept_files), data=list(data), out=out, generation=False),
+                    session=session, log=lambda m: None)
 
 
 # ---- the whole loop -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ question, the report files, samples.jsonl, the output folder written and renamed
 - **plain**: the concept file alone, ``--bootstrap 0``;
 - **bootstrap**: the concept file, ``--bootstrap N`` (N = ``--resamples``);
 - **baselines**: with ``--baselines``, ``--bootstrap 0``; the baselines are this script's ``--baselines``
-  (default none, text, image: they replace the config's ``eval.baselines``, which the demo's sets to none);
+  (default all five: they replace the config's ``eval.baselines``);
 - **baselines + bootstrap**: both.
 
 As ``held_out_eval`` in unipers/world/demo.py, the default is ``--no-generation`` (the demo world has no
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="rounds, arms in alternating order")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the bootstrap arms")
     p.add_argument("--generation", action="store_true", help="also generate (needs eval.clip_path, eval.dino_path)")
-    p.add_argument("--baselines", default="none,text,image", help="eval.baselines of the baseline arms")
+    p.add_argument("--baselines", default="none,class,text,image,token", help="eval.baselines of the baseline arms")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "eval_timing.json"))
     args = p.parse_args(argv)

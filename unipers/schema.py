@@ -337,12 +337,17 @@ class EvalConfig:
     """Token limit for generated answers and captions."""
     batch_size: int = 8
     """Prompts per forward pass when scoring answers (recognition, options, captions)."""
-    baselines: list[str] = field(default_factory=lambda: ["none", "text", "image"])
-    """Untrained-base rows: none (no personal info), text (a description in the prompt), image (a photo in context)."""
+    baselines: list[str] = field(default_factory=lambda: ["none", "class", "text", "image", "token"])
+    """Baseline rows: none (name only), class (class word), text / image (a description / photo in context), token."""
     bootstrap: int = 1000
     """Bootstrap resamples for every metric's 95% interval (0: none), seeded from eval.seed."""
+    copy_thresholds: dict[str, float] = field(default_factory=lambda: {"clip": 0.95, "dino": 0.9, "pixel": 0.95})
+    """A generated image is a copy when its highest similarity to a train photo reaches one (above 1: off)."""
 
     def __post_init__(self) -> None:
+        for key, value in dict(self.copy_thresholds).items():
+            _check_choice("eval.copy_thresholds key", key, ("clip", "dino", "pixel"))
+            _check_range(f"eval.copy_thresholds.{key}", value, -1.0)
         _check_ranges("eval", self, {"images_per_prompt": (1, 1024), "steps": (1, 1000), "guidance": (0.0, 100.0),
                                      "max_new_tokens": (1, 4096), "batch_size": (1, 4096), "bootstrap": (0, 10**6)})
 

@@ -78,6 +78,21 @@ def test_option_likelihood_picks_the_option_the_model_makes_most_likely(session,
         assert metrics["qa/sum"] == float(gold == best_sum) and metrics["qa/mean"] == float(gold == best_mean)
 
 
+def test_each_baseline_writes_the_concept_its_own_way():
+    from unipers.eval.prompts import BASELINES, context, generation_prompt, rewrite, style
+
+    q, facts = "Is <bo> in this photo?", ["<bo> has a red collar."]
+    written = {m: (context("bo", m, "dog", facts)[0] + rewrite(q, "bo", style(m), "dog"),
+                   generation_prompt("{concept} on the beach", "bo", style(m), "dog")) for m in BASELINES}
+    assert written == {
+        "none": ("Is bo in this photo?", "bo on the beach"),
+        "class": ("Is the dog in this photo?", "a dog on the beach"),
+        "text": ("bo is a dog. bo has a red collar.\nIs bo in this photo?", "bo on the beach"),
+        "image": ("<image>\nThis is bo.\nIs bo in this photo?", "bo on the beach"),
+        "token": (q, "<bo> on the beach"),
+    }
+
+
 def with_choice_questions(prepared_concepts, root):
     """Copies of the prepared folders; bo's gets a held-out vqa and a text qa multiple-choice question."""
     folders = [shutil.copytree(f, root / f.name) for f in prepared_concepts]
@@ -112,7 +127,7 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
     base = ["eval", "--concept", *files, "--data", *map(str, data)] + [a for s in FAST for a in ("--set", s)]
     models = ["--set", f"eval.clip_path={clip_dir}", "--set", f"eval.dino_path={dino_dir}"]
     out = tmp_path / "full"
-    assert main(base + models + ["--out", str(out), "--baselines"]) == 0
+    assert main(base + models + ["--out", str(out)]) == 0  # every baseline by default
 
     result = json.loads((out / "metrics.json").read_text())
     bo, mam = result["concepts"]["bo"], result["concepts"]["mam"]
@@ -120,14 +135,16 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
                 "clip_i", "clip_t", "dino", "vqa/sum", "vqa/mean", "vqa/generation", "qa/sum", "qa/generation"):
         assert bo[key] is not None and 0.0 - 1 <= bo[key] <= 1.0, key
     assert "vqa/sum" not in mam and result["mean"]["clip_i"] == pytest.approx((bo["clip_i"] + mam["clip_i"]) / 2)
-    assert [b["method"] for b in result["results"]] == ["personal", "none", "text", "image"]
+    assert [b["method"] for b in result["results"]] == ["personal", "none", "class", "text", "image", "token"]
+    assert [b["checkpoint"] for b in result["results"]] == ["concepts", "base", "base", "base", "base", "concepts"]
+    assert all(set(b["separation"]["concepts"]) == {"bo", "mam"} for b in result["results"][1:])
     assert result["settings"]["steps"] == 2 and result["settings"]["templates"] == ["a photo of {concept}",
                                                                                       "{concept} in the snow"]
     assert result["results"][0]["counts"]["bo"]["generation/n_images"] == 2
     for path in files:
         record = result["concept_files"][path]
         assert record["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
-    for name in ("bo", "mam", "bo_base-none", "mam_base-image"):
+    for name in ("bo", "mam", "bo_base-none", "bo_base-class", "mam_base-image", "bo_base-token"):
         assert (out / "grids" / f"{name}.png").is_file(), name
 
     printed = markdown_numbers((out / "report.md").read_text())
@@ -135,7 +152,7 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
     for block in result["results"]:
         for concept, values in [*block["concepts"].items(), ("mean", block["mean"])]:
             for key, value in values.items():
-                cell = printed[(METHOD_TITLES[block["method"]], block["checkpoint"], concept, COLUMNS[key])]
+                cell = printed.get((METHOD_TITLES[block["method"]], block["checkpoint"], concept, COLUMNS[key]))
                 assert cell == (None if value is None else round(value, 4)), (block["method"], concept, key)
                 checked += 1
     assert checked > 100
@@ -148,7 +165,7 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
     assert "eval.clip_path" in capsys.readouterr().err and not (tmp_path / "none").exists()
     # ... and --no-generation still gives every understanding metric.
     quick = tmp_path / "quick"
-    assert main(base + ["--out", str(quick), "--no-generation", "--bootstrap", "0"]) == 0
+    assert main(base + ["--out", str(quick), "--no-generation", "--bootstrap", "0", "--no-baselines"]) == 0
     quick_result = json.loads((quick / "metrics.json").read_text())
     understanding = quick_result["concepts"]["bo"]
     assert "clip_i" not in understanding
@@ -171,6 +188,39 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
     assert "| bo | Rec. weighted |" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
+def test_the_token_baseline_is_the_concept_file_at_its_init(concept_files, prepared_concepts, tmp_path):
+    """"No concept token" scores exactly what a file holding the class-word init rows scores as a concept
+    file, and the trained rows are back, bit for bit, after it."""
+    from unipers.inference import InferenceSession
+
+    cfg = load_config([], ["eval.baselines=[token]", "eval.bootstrap=0", *FAST])
+    session = InferenceSession.from_config(cfg)
+    session.load(concept_files["bo"])
+    trained = {k: v.clone() for k, v in session.model.bank.rows["bo"].state_dict().items()}
+    session.unload()
+    request = runner.EvalRequest(concept_files=[concept_files["bo"]], data=prepared_concepts, generation=False,
+                                 out=tmp_path / "trained")
+    result = runner.run_eval(cfg, request, session=session, log=lambda m: None)
+    token = result["results"][-1]
+    assert token["method"] == "token" and token["files"] == [str(concept_files["bo"])]
+    assert token["concepts"]["bo"] != result["concepts"]["bo"]  # the trained rows answer differently
+
+    session.model.add_concept("bo", "dog", init=cfg.bank.init, init_noise=cfg.bank.init_noise, seed=cfg.seed)
+    init_file = session.model.save_concepts(tmp_path / "bo_init.safetensors")
+    session.unload()
+    plain = runner.run_eval(cfg, runner.EvalRequest(concept_files=[init_file], data=prepared_concepts,
+                                                    generation=False, out=tmp_path / "init", baselines=False),
+                            session=session, log=lambda m: None)
+    assert plain["concepts"]["bo"] == token["concepts"]["bo"]
+
+    session.load(concept_files["bo"])
+    with session.concepts_untrained(init=cfg.bank.init, init_noise=cfg.bank.init_noise, seed=cfg.seed):
+        moved = session.model.bank.rows["bo"].state_dict()
+        assert any(not torch.equal(moved[k], trained[k]) for k in trained)
+    after = session.model.bank.rows["bo"].state_dict()
+    assert all(torch.equal(after[k], trained[k]) for k in trained)
+
+
 def check_intervals(out, result):
     """Every metric of every block has its samples in samples.jsonl (their mean is the metric) and a
     bootstrap interval; baselines say where they separate, as report.md does."""
@@ -184,6 +234,9 @@ def check_intervals(out, result):
         kept = samples.get((block["method"], block["checkpoint"]), {})
         for concept, values in block["concepts"].items():
             for key, value in values.items():
+                if value is None:  # no samples (e.g. every generated image a copy): nothing to resample
+                    assert key not in kept[concept] and key not in block["ci"]["concepts"][concept], key
+                    continue
                 entry = kept[concept][key]
                 assert point([group_of(entry)]) == pytest.approx(value, abs=1e-6), (block["method"], concept, key)
                 interval = block["ci"]["concepts"][concept][key]
@@ -220,7 +273,7 @@ def test_eval_over_a_runs_step_files_plots_curves(concept_files, prepared_concep
         model.save_concepts(concepts / f"{name}.safetensors", extra={"step": str(step)})
     out = tmp_path / "curve"
     argv = ["eval", "--run", str(tmp_path / "run"), "--data", *map(str, prepared_concepts), "--out", str(out),
-            "--no-generation", *[a for s in FAST for a in ("--set", s)]]
+            "--no-generation", "--no-baselines", *[a for s in FAST for a in ("--set", s)]]
     assert main(argv) == 0
     result = json.loads((out / "metrics.json").read_text())
     assert [(b["checkpoint"], b["step"]) for b in result["results"]] == [("step_000010", 10), ("step_000020", 20),

@@ -83,10 +83,14 @@ def test_ask_recognize_generate(trained, rs_concept, unipers_run, tmp_path):
 def test_eval_without_generation(trained, rs_concept, unipers_run, tmp_path):
     concept, run, _, work = trained
     code, out, err = unipers_run("eval", "--config", run / "config.yaml", "--concept", concept, "--data", rs_concept,
-                                 "--out", tmp_path / "eval", "--no-generation", cwd=work)
+                                 "--out", tmp_path / "eval", "--no-generation",
+                                 # one baseline on the untrained base, and the file at its init rows: both
+                                 # ways of changing the model under eval, at real width (all five cost minutes)
+                                 "--set", "eval.baselines=[class,token]", cwd=work)
     assert code == 0, err[-2000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics
+    assert [b["method"] for b in metrics["results"]] == ["personal", "class", "token"]
+    assert "recognition/pos" in metrics["results"][-1]["concepts"]["bo"]
 
 
 def test_bfloat16_step_moves_only_concept_rows(rs_dirs):

@@ -197,6 +197,30 @@ class ConceptBank(nn.Module):
                 self.info[name] = i
             self._index = {}
 
+    @contextmanager
+    def rows_replaced(self, values: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]]) -> Iterator[None]:
+        """Inside the block, each named concept's rows hold ``values[name]`` ((embedding, head) by slot group,
+        as `add` takes them); the trained rows come back, bit for bit, after it."""
+        saved: list[tuple[Tensor, Tensor]] = []
+        try:
+            with torch.no_grad():
+                for name, (embed, head) in values.items():
+                    rows = self.rows[name]
+                    for table, init in ((rows.embed, embed), (rows.head, head)):
+                        for group, value in init.items():
+                            if group in table:
+                                param = table[group]
+                                if tuple(value.shape) != tuple(param.shape):
+                                    raise ValueError(f"concept {name!r}: rows for {group} have shape "
+                                                     f"{list(value.shape)}, expected {list(param.shape)}")
+                                saved.append((param, param.detach().clone()))
+                                param.copy_(value)
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in saved:
+                    param.copy_(value)
+
     def concept_rows(self, name: str) -> ConceptRows:
         return self.rows[name]
 

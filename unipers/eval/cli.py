@@ -1,7 +1,7 @@
 """`unipers eval`: the personalization benchmark (Yo'LLaVA / Yo'Chameleon / UniCTokens metrics) with a report.
 
     unipers eval --concept bo.safetensors mam.safetensors --data data/bo data/mam --out eval/run1 \\
-        --set eval.clip_path=checkpoints/clip-vit-l-14 --set eval.dino_path=checkpoints/dinov2-s --baselines
+        --set eval.clip_path=checkpoints/clip-vit-l-14 --set eval.dino_path=checkpoints/dinov2-s
     unipers eval --run runs/bo --data data/bo data/mam --out eval/bo_curve     # every step_* file + curves.png
     unipers eval --concept bo.safetensors --data data/yollava --out eval/u --no-generation   # understanding only
     unipers eval --compare eval/run1 eval/run2 --out eval/run1_vs_run2         # paired B - A, CI and p
@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config naming the base models and the eval: section (default: the tiny models)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="config override, e.g. --set eval.clip_path=checkpoints/clip --set eval.steps=50")
-    parser.add_argument("--baselines", action="store_true",
-                        help="also evaluate the untrained base (eval.baselines: none, text, image)")
+    parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=None,
+                        help="score eval.baselines beside the concept files (default; none, class, text, image, "
+                             "token); --baselines alone, without concept files, scores the untrained base's")
     parser.add_argument("--no-generation", action="store_true",
                         help="skip image generation and CLIP-I / CLIP-T / DINO (no metric models needed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -53,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
         return _compare(args)
     if args.concept and args.run:
         fail("give --concept FILE... or --run RUN_DIR, not both")
-    if not (args.concept or args.run or args.baselines):
+    if not (args.concept or args.run or args.baselines):  # an explicit --baselines scores the base alone
         fail("nothing to evaluate: give --concept FILE..., --run RUN_DIR or --baselines")
     if not args.data:
         fail("give the prepared folder(s) with --data PREPARED_DIR...")
@@ -67,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     from unipers.eval.runner import EvalRequest, run_eval
     from unipers.inference.session import InputError
 
-    request = EvalRequest(concept_files=args.concept, data=args.data, out=args.out, baselines=args.baselines,
+    request = EvalRequest(concept_files=args.concept, data=args.data, out=args.out, baselines=args.baselines is not False,
                           generation=not args.no_generation, run_dir=args.run, device=args.device,
                           overwrite=args.overwrite, bootstrap=args.bootstrap)
     try:

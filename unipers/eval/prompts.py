@@ -1,12 +1,15 @@
-"""The benchmark's fixed texts, and how each row of the table (the concept file, or one of the three
-baselines of the untrained base) writes a question, an answer or a generation prompt.
+"""The benchmark's fixed texts, and how each row of the table (the concept file, or one of its five
+baselines) writes a question, an answer or a generation prompt.
 
     personal   "Is <bo> in this photo?"      (the concept's prefix comes from PromptBuilder)
-    none       "Is the dog in this photo?"   (the marker becomes the class word: no personal information)
+    none       "Is bo in this photo?"        (the name as plain text: no personal information)
+    class      "Is the dog in this photo?"   (the marker becomes the class word)
     text       "bo is a dog. bo has a red collar.\nIs bo in this photo?"
     image      "<image>\nThis is bo.\n<image>\nIs bo in this photo?"   (a train photo in context)
+    token      "Is <bo> in this photo?"      (the concept file with its rows back at their class-word init)
 
-The base has no concept rows, so the baselines write the name as plain text.
+The first four run on the untrained base, which has no concept rows, so they write the name as plain
+text; ``token`` keeps the concept's prompts and slots and removes only what training learned.
 """
 
 from __future__ import annotations
@@ -34,9 +37,16 @@ GENERATION_TEMPLATES = (
 )
 
 PERSONAL = "personal"
-BASELINES = ("none", "text", "image")
-METHOD_TITLES = {PERSONAL: "concept file", "none": "base: no personal info", "text": "base: text description",
-                 "image": "base: photo in context"}
+BASELINES = ("none", "class", "text", "image", "token")
+ON_BASE = ("none", "class", "text", "image")  # the untrained base; "token" needs the concept files loaded
+METHOD_TITLES = {PERSONAL: "concept file", "none": "base: name only", "class": "base: class word",
+                 "text": "base: text description", "image": "base: photo in context",
+                 "token": "no concept token (init rows)"}
+
+
+def style(method: str) -> str:
+    """How a method writes its prompts: ``token`` asks exactly as the concept file does."""
+    return PERSONAL if method == "token" else method
 
 
 def check_templates(templates: Sequence[str]) -> list[str]:
@@ -70,7 +80,7 @@ def rewrite(text: str, name: str, method: str, class_word: Optional[str]) -> str
     """`text` with the concept's marker as the method writes it (personal: unchanged)."""
     if method == PERSONAL:
         return text
-    if method == "none":
+    if method == "class":
         return _marker(name).sub(f"the {class_word or 'object'}", text)
     return _marker(name).sub(name, text)
 
@@ -106,6 +116,6 @@ def generation_prompt(template: str, name: str, method: str, class_word: Optiona
     """The generation prompt of a method (its context, for text and image, comes from `context`)."""
     if method == PERSONAL:
         return template.format(concept=f"<{name}>")
-    if method == "none":
+    if method == "class":
         return class_prompt(template, class_word or "object")
     return template.format(concept=name)

@@ -26,6 +26,9 @@ COLUMNS = {
     "vqa/sum": "VQA LL-sum", "vqa/mean": "VQA LL-mean", "vqa/generation": "VQA gen", "vqa/unparsed": "VQA unparsed",
     "qa/sum": "QA LL-sum", "qa/mean": "QA LL-mean", "qa/generation": "QA gen", "qa/unparsed": "QA unparsed",
     "caption/recall": "Caption recall", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO",
+    "copy/share": "Copies", "clip_i/no_copies": "CLIP-I w/o copies", "clip_t/no_copies": "CLIP-T w/o copies",
+    "dino/no_copies": "DINO w/o copies", "copy/clip_max": "Copy CLIP max", "copy/dino_max": "Copy DINO max",
+    "copy/pixel_max": "Copy pixel max",
 }
 
 NOTES = """\
@@ -43,6 +46,9 @@ NOTES = """\
   generated image with its prompt, the concept written as its class word ("a photo of a dog"). All are
   plain cosines of L2-normalized embeddings (CLIP-T is *not* CLIPScore's 100 x cosine), images
   preprocessed by the checkpoint's own processor from 8-bit RGB.
+- Copies: each generated image's highest similarity to any train photo by CLIP, DINO and pixels (normalized
+  cross-correlation of 64 x 64 thumbnails; *Copy ... max* are their means); an image is a copy when one
+  reaches eval.copy_thresholds. *Copies* is their share; *w/o copies* recomputes a metric without them.
 - Mean rows are macro means over concepts (each concept counts once).
 - Intervals: 95% percentile bootstrap over each metric's samples (images, questions, generated images);
   the weighted recognition resamples positives and negatives apart; a mean row's interval resamples

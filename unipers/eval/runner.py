@@ -4,8 +4,8 @@
     result = run_eval(cfg, EvalRequest(concept_files=["bo.safetensors"], data=["data/bo", "data/mam"],
                                        out="eval/bo", baselines=True))   # metrics.json's content
 
-Methods: ``personal`` (the concept files) and the baselines of the untrained base, ``none`` / ``text`` /
-``image`` (see prompts.py). Each method answers the same held-out questions (targets.py):
+Methods: ``personal`` (the concept files) and their baselines: ``none`` / ``class`` / ``text`` / ``image`` on
+the untrained base, and ``token``, the concept files with their rows at the class-word init (prompts.py). Each method answers the same held-out questions (targets.py):
 
 - recognition from the logits (P(Yes) > P(No) for the answer's first token) and from the generated
   answer parsed strictly (whole-word yes/no; both or neither is unparsed, counted wrong);
@@ -31,9 +31,9 @@ from torch import Tensor
 
 from unipers.concepts.recognition import recognition_layout
 from unipers.eval import metrics as M
-from unipers.eval.prompts import (BASELINES, CAPTION_QUESTION, GENERATION_TEMPLATES, IMAGE, PERSONAL,
+from unipers.eval.prompts import (BASELINES, CAPTION_QUESTION, GENERATION_TEMPLATES, IMAGE, ON_BASE, PERSONAL,
                                   RECOGNITION_QUESTION, check_templates, choice_question, class_prompt,
-                                  generation_prompt)
+                                  generation_prompt, style)
 from unipers.eval.scoring import Prompter, answer_logprobs, first_token_logits, generate_answers
 from unipers.eval.targets import EvalTarget, content_key, expand_data_dirs, load_targets
 from unipers.eval.uncertainty import digest, record, unique_ids
@@ -44,7 +44,8 @@ class EvalRequest:
     concept_files: Sequence[str | Path] = ()
     data: Sequence[str | Path] = ()
     out: str | Path = "eval"
-    baselines: bool = False
+    baselines: bool = True
+    """Score eval.baselines beside the concept files (the table's default; --no-baselines skips them)."""
     generation: bool = True
     run_dir: Optional[str | Path] = None
     device: Optional[str] = None
@@ -92,14 +93,14 @@ class Evaluator:
         ref = self.tokens(target.references[:1])[0] if target.references else None
         if method == "image" and ref is None:
             return {}, {"skipped": "no train photo to place in context"}, {}
-        p = Prompter(self.session, target, method, ref)
+        p = Prompter(self.session, target, style(method), ref)
         metrics, counts, per_sample = {}, {}, {}
         self._recognition(target, p, metrics, counts, per_sample)
         for task, samples in target.choices.items():
             self._choices(task, samples, p, metrics, counts, per_sample)
         self._captions(target, p, metrics, counts, per_sample)
         if self.clip is not None:
-            self._generation(target, method, ref, metrics, counts, grid_name, per_sample)
+            self._generation(target, style(method), ref, metrics, counts, grid_name, per_sample)
         return metrics, counts, per_sample
 
     # ---- understanding ----------------------------------------------------------------------------------
@@ -178,11 +179,13 @@ class Evaluator:
     def _references(self, t: EvalTarget) -> dict[str, Tensor]:
         key = (t.name, t.folder)
         if key not in self._refs:
+            from unipers.eval.copies import thumbnails
             from unipers.eval.models import open_photos
 
             photos = open_photos(t.references)
             self._refs[key] = {"clip": self.clip.images(photos),
-                               "dino": self.dino.images(photos) if self.dino is not None else None}
+                               "dino": self.dino.images(photos) if self.dino is not None else None,
+                               "pixel": thumbnails(photos)}
         return self._refs[key]
 
     def _draw(self, prompt: str, method: str, ref: Optional[Tensor]) -> Tensor:
@@ -210,22 +213,46 @@ class Evaluator:
             if t.class_word:
                 class_texts += [class_prompt(template, t.class_word)] * len(images)
         gen, ids = torch.cat(clip_img), unique_ids(ids)
+        dino = torch.cat(dino_img) if dino_img else None
         counts["generation/n_images"] = len(gen)
+        rows: dict[str, list[float]] = {}  # metric -> per generated image
         if t.references:
             refs = self._references(t)
-            metrics["clip_i"] = M.mean_pairwise_cosine(gen, refs["clip"])
-            record(per_sample, "clip_i", ids, M.pairwise_cosine_rows(gen, refs["clip"]))
-            if self.dino is not None:
-                metrics["dino"] = M.mean_pairwise_cosine(torch.cat(dino_img), refs["dino"])
-                record(per_sample, "dino", ids, M.pairwise_cosine_rows(torch.cat(dino_img), refs["dino"]))
+            rows["clip_i"] = M.pairwise_cosine_rows(gen, refs["clip"])
+            if dino is not None:
+                rows["dino"] = M.pairwise_cosine_rows(dino, refs["dino"])
         if class_texts:  # CLIP-T needs a class word to write the prompt without the concept
-            texts = self.clip.texts(class_texts)
-            metrics["clip_t"] = M.mean_paired_cosine(gen, texts)
-            record(per_sample, "clip_t", ids, M.paired_cosines(gen, texts))
+            rows["clip_t"] = M.paired_cosines(gen, self.clip.texts(class_texts))
+        for metric, values in rows.items():
+            metrics[metric] = sum(values) / len(values)
+            record(per_sample, metric, ids, values)
+        if t.references:
+            self._copies(refs, gen, dino, torch.cat(drawn), ids, rows, metrics, counts, per_sample)
         if self.grids is not None and grid_name:
             from unipers.eval.report import save_grid
 
             save_grid(torch.cat(drawn), self.s.images_per_prompt, self.grids / f"{grid_name}.png")
+
+
+    def _copies(self, refs, gen, dino, drawn, ids, rows, metrics, counts, per_sample) -> None:
+        """Each generated image's highest similarity to a train photo (CLIP, DINO, pixels), the share that
+        are copies (eval.copy_thresholds), and the generation metrics over the other images."""
+        from unipers.eval import copies as C
+
+        sims = {"clip": C.max_cosine_rows(gen, refs["clip"]), "pixel": C.max_pixel_similarity(drawn, refs["pixel"])}
+        if dino is not None:
+            sims["dino"] = C.max_cosine_rows(dino, refs["dino"])
+        flagged = C.flag_copies(sims, self.s.copy_thresholds)
+        metrics["copy/share"] = sum(flagged) / len(flagged)
+        counts["copy/n"] = sum(flagged)
+        record(per_sample, "copy/share", ids, flagged)
+        for measure, values in sims.items():
+            metrics[f"copy/{measure}_max"] = sum(values) / len(values)
+            record(per_sample, f"copy/{measure}_max", ids, values)
+        for metric, values in rows.items():
+            kept, kept_ids = C.without(values, ids, flagged)
+            metrics[f"{metric}/no_copies"] = sum(kept) / len(kept) if kept else None
+            record(per_sample, f"{metric}/no_copies", kept_ids, kept)
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
@@ -258,6 +285,14 @@ def _block(method: str, label: str, step, files, rows: dict[str, tuple]) -> dict
     return {"method": method, "checkpoint": label, "step": step, "files": [str(f) for f in files],
             "concepts": {n: m for n, (m, *_) in rows.items()}, "counts": {n: c for n, (_, c, *_) in rows.items()},
             "mean": mean}
+
+
+def _baseline(session, method: str, cfg):
+    """The model state a baseline answers with: the untrained base, or (``token``) the last concept files
+    with their rows at the init their training started from (the config's bank.init, bank.init_noise, seed)."""
+    if method in ON_BASE:
+        return session.concepts_disabled()
+    return session.concepts_untrained(init=cfg.bank.init, init_noise=cfg.bank.init_noise, seed=cfg.seed)
 
 
 def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None] = None) -> dict:
@@ -317,14 +352,18 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
             samples.append({n: r[2] for n, r in rows.items()})
         if request.baselines:
             targets = evaluated if evaluated is not None else load_targets(folders)
-            with session.concepts_disabled():  # the untrained base: no concept rows at all
-                for method in settings.baselines:
-                    rows = {}
+            for method in settings.baselines:
+                if method == "token" and evaluated is None:
+                    log("eval: no concept file, so no 'token' baseline (it needs trained rows to reset)")
+                    continue
+                rows = {}
+                with _baseline(session, method, cfg):
                     for name, t in targets.items():
-                        log(f"eval: base ({method}) {name}")
+                        log(f"eval: baseline ({method}) {name}")
                         rows[name] = ev.score(t, method, f"{name}_base-{method}")
-                    blocks.append(_block(method, "base", None, [], rows))
-                    samples.append({n: r[2] for n, r in rows.items()})
+                blocks.append(_block(method, "base" if method in ON_BASE else groups[-1][0], None,
+                                     [] if method in ON_BASE else groups[-1][2], rows))
+                samples.append({n: r[2] for n, r in rows.items()})
         session.unload()
         uncertainty.add_intervals(blocks, samples, resamples, boot_seed)
         uncertainty.add_separation(blocks)

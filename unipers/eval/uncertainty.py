@@ -125,7 +125,8 @@ def add_intervals(blocks: list[dict], samples: list[dict], resamples: int, seed:
 
 
 def judged(metric: str) -> bool:
-    return not metric.endswith("/unparsed")
+    """Quality metrics are judged; unparsed rates and copy diagnostics describe how a number came about."""
+    return not (metric.endswith("/unparsed") or metric.startswith("copy/"))
 
 
 def verdict(a: dict, b: dict) -> str:

@@ -84,6 +84,18 @@ class InferenceSession:
             finally:
                 self.files.update(files)
 
+    @contextmanager
+    def concepts_untrained(self, *, init: str = "class_word", init_noise: float = 0.01, seed: int = 0) -> Iterator[None]:
+        """Inside the block every loaded concept holds the rows its training started from (`bank.init`,
+        `bank.init_noise` and `seed` as in training): the same names, prompts and slots with nothing
+        learned, the "no concept token" baseline. The trained rows are back after it."""
+        backbone = self.model.backbone
+        values = {name: backbone.initial_rows(name, info.class_word, init=init, init_noise=init_noise, seed=seed,
+                                              layout=info.layout)
+                  for name, info in self.model.bank.info.items()}
+        with self.model.bank.rows_replaced(values):
+            yield
+
     # ---- checks -----------------------------------------------------------------------------------------
     def _check_prompt(self, text: str) -> None:
         vocab = self.model.prompts.vocab

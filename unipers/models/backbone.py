@@ -154,6 +154,17 @@ class ARBackbone(nn.Module):
                     init_noise: float = 0.01, seed: int = 0, layout: Optional[SlotLayout] = None) -> ConceptInfo:
         """Add a concept whose rows start at the class word's mean embedding, or at random at table scale."""
         layout = layout or self.bank.layout
+        embed_init, head_init = self.initial_rows(name, class_word, init=init, init_noise=init_noise, seed=seed,
+                                                  layout=layout)
+        return self.bank.add(name, class_word=class_word, layout=layout, vocabulary=self.vocabulary,
+                             embed_init=embed_init, head_init=head_init)
+
+    def initial_rows(self, name: str, class_word: Optional[str] = None, *, init: str = "class_word",
+                     init_noise: float = 0.01, seed: int = 0, layout: Optional[SlotLayout] = None
+                     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The rows a concept starts training from, (embedding, head) by slot group: a function of the
+        base, the name, the class word and the seed only."""
+        layout = layout or self.bank.layout
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         word_ids: list[int] = []
         if init == "class_word" and class_word:
@@ -163,7 +174,7 @@ class ARBackbone(nn.Module):
         elif init not in ("class_word", "random"):
             raise ValueError(f"init={init!r} is not one of class_word, random")
 
-        def initial_rows(weight: Tensor) -> dict[str, Tensor]:
+        def rows(weight: Tensor) -> dict[str, Tensor]:
             # One pass over the table (1 GB in fp32 at 7B), then cheap draws per group.
             table = weight.detach()
             if word_ids:
@@ -174,11 +185,7 @@ class ARBackbone(nn.Module):
             return {g: center + torch.randn(layout.count(g), table.shape[1], generator=gen) * scale
                     for g in GROUPS if layout.count(g)}
 
-        return self.bank.add(
-            name, class_word=class_word, layout=layout, vocabulary=self.vocabulary,
-            embed_init=initial_rows(self.model.get_input_embeddings().weight),
-            head_init=initial_rows(self.model.lm_head.weight),
-        )
+        return rows(self.model.get_input_embeddings().weight), rows(self.model.lm_head.weight)
 
     # ---- forward pieces ---------------------------------------------------------------------------------
     def embed(self, ids: Tensor) -> Tensor:

@@ -39,18 +39,60 @@ def test_negatives_are_other_concepts_held_out_photos(prepared_concepts):
         load_targets(prepared_concepts, ["rex"])
 
 
-def test_an_always_yes_model_scores_one_zero_and_a_half(session, settings, prepared_concepts, monkeypatch):
-    def always_yes(session_, seqs, batch_size=8):
+def always_yes(session):
+    """A stand-in for first_token_logits whose answer is always "yes"."""
+    def logits_fn(session_, seqs, batch_size=8):
         logits = torch.zeros(len(seqs), 10_000)
         logits[:, session.backbone.yes_no_ids[0]] = 5.0
         return logits
 
+    return logits_fn
+
+
+def test_an_always_yes_model_scores_one_zero_and_a_half(session, settings, prepared_concepts, monkeypatch):
     ev = Evaluator(session, settings)
-    monkeypatch.setattr(runner, "first_token_logits", always_yes)
+    monkeypatch.setattr(runner, "first_token_logits", always_yes(session))
     metrics, counts = ev.evaluate(load_targets(prepared_concepts)["bo"], PERSONAL)
     assert (metrics["recognition/pos"], metrics["recognition/neg"], metrics["recognition/weighted"]) == (1.0, 0.0, 0.5)
     assert counts["recognition/n_pos"] == 1 and counts["recognition/n_neg"] == 1
     assert 0.0 <= metrics["caption/recall"] <= 1.0 and "clip_i" not in metrics  # no CLIP: no generation metrics
+
+
+def test_named_sets_of_images_are_scored_apart(session, settings, prepared_concepts, monkeypatch):
+    """Always "yes": a named set of positives scores 1, of negatives 0, of both 0.5 (weighted); other
+    evaluated concepts' photos are a set of their own."""
+    from unipers.eval.targets import content_key
+
+    monkeypatch.setattr(runner, "first_token_logits", always_yes(session))
+    target = load_targets(prepared_concepts)["bo"]
+    pos, neg = content_key(target.positives[0]), content_key(target.negatives[0])
+    assert target.subsets == {"other_concepts": {neg}}
+    target.subsets.update({"shifted": {pos}, "mixed": {pos, neg}, "unseen": {"0" * 40}})
+    metrics, _, samples = Evaluator(session, settings).score(target, PERSONAL)
+    got = {k.rsplit("/", 1)[1]: v for k, v in metrics.items() if k.startswith("recognition/subset/")}
+    assert got == {"other_concepts": 0.0, "shifted": 1.0, "mixed": 0.5}  # a set with no image is left out
+    assert samples["recognition/subset/mixed"]["strata"] == ["pos", "neg"]
+
+
+def test_named_sets_come_from_the_manifest_and_the_retrieval(prepared_concepts, tmp_path):
+    import dataclasses
+
+    from unipers.data.manifest import read_prepared, write_manifest
+    from unipers.eval.targets import content_key, read_target
+
+    folder = tmp_path / "bo"
+    shutil.copytree(prepared_concepts[0], folder)
+    concept, samples = read_prepared(folder)
+    val = next(s for s in samples if s.task == "recognition" and s.split == "val" and s.label)
+    extra = [dataclasses.replace(val, label=False, image=img, subset=None) for img in concept["train"][:3]]
+    extra[0] = dataclasses.replace(extra[0], subset="shifted background")
+    extra[1] = dataclasses.replace(extra[1], concepts=["bo", "mam"])
+    concept["negative_details"] = [{"image": concept["train"][2], "kind": "hard", "similarity": 0.9}]
+    (folder / "concept.json").write_text(json.dumps(concept))
+    write_manifest(folder / "manifest.jsonl", [*samples, *extra])
+    sets = read_target(folder).subsets
+    keys = [content_key(folder / img) for img in concept["train"][:3]]
+    assert sets == {"shifted_background": {keys[0]}, "with_others": {keys[1]}, "hard_negatives": {keys[2]}}
 
 
 def test_option_likelihood_picks_the_option_the_model_makes_most_likely(session, settings, prepared_concepts):
@@ -120,7 +162,7 @@ def markdown_numbers(report: str) -> dict:
 def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, dino_dir, tmp_path, capsys):
     from unipers.cli import main
     from unipers.eval.prompts import METHOD_TITLES
-    from unipers.eval.report import COLUMNS
+    from unipers.eval.report import title
 
     data = with_choice_questions(prepared_concepts, tmp_path / "data")
     files = [str(concept_files["bo"]), str(concept_files["mam"])]
@@ -152,7 +194,7 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
     for block in result["results"]:
         for concept, values in [*block["concepts"].items(), ("mean", block["mean"])]:
             for key, value in values.items():
-                cell = printed.get((METHOD_TITLES[block["method"]], block["checkpoint"], concept, COLUMNS[key]))
+                cell = printed.get((METHOD_TITLES[block["method"]], block["checkpoint"], concept, title(key)))
                 assert cell == (None if value is None else round(value, 4)), (block["method"], concept, key)
                 checked += 1
     assert checked > 100
@@ -225,7 +267,7 @@ def check_intervals(out, result):
     """Every metric of every block has its samples in samples.jsonl (their mean is the metric) and a
     bootstrap interval; baselines say where they separate, as report.md does."""
     from unipers.eval.prompts import METHOD_TITLES
-    from unipers.eval.report import COLUMNS, fmt_ci
+    from unipers.eval.report import fmt_ci, title
 
     assert result["settings"]["bootstrap"] == 1000 and result["settings"]["bootstrap_seed"] == 0
     samples = read_samples(out / "samples.jsonl")
@@ -252,10 +294,10 @@ def check_intervals(out, result):
             # 1 or 2 samples per stratum here: a bootstrap of so few is a point, and judges nothing
             assert set(flags.values()) == {TOO_FEW} and "caption/recall" in flags
             assert not any(k.endswith("/unparsed") for k in flags)
-            title = METHOD_TITLES[block["method"]]
+            method = METHOD_TITLES[block["method"]]
             for verdict, cell in zip((DOES_NOT_SEPARATE, TOO_FEW, SEPARATES), (3, 4, 5)):
-                names = [COLUMNS[k] for k, v in flags.items() if v == verdict]
-                row = next(line for line in report.splitlines() if line.startswith(f"| {title} | {concept} | ")
+                names = [title(k) for k, v in flags.items() if v == verdict]
+                row = next(line for line in report.splitlines() if line.startswith(f"| {method} | {concept} | ")
                            and line.count("|") == 6)
                 assert sorted(c for c in row.split("|")[cell].strip().split(", ") if c != "–") == sorted(names)
             judged += len(flags)

@@ -19,7 +19,7 @@ from typing import Optional
 
 from unipers.errors import UnipersError
 from unipers.eval.prompts import METHOD_TITLES
-from unipers.eval.report import COLUMNS, final_rows, fmt, markdown_table, order_metrics
+from unipers.eval.report import final_rows, fmt, markdown_table, order_metrics, title
 from unipers.eval.stats import LEVEL, paired_groups_test, point
 from unipers.eval.uncertainty import SAMPLES_FILE, read_samples, strata_of
 
@@ -147,7 +147,7 @@ def text_table(result: dict) -> str:
     """The rows as aligned text: A, B, B - A as reported, then the paired difference, its CI, p and pairs."""
     header = ["method", "concept", "metric", f"A ({Path(result['a']).name})", f"B ({Path(result['b']).name})",
               "B - A", "paired B - A", "95% CI", "p", "pairs"]
-    rows = [[METHOD_TITLES.get(r["method"], r["method"]), r["concept"], COLUMNS.get(r["metric"], r["metric"]),
+    rows = [[METHOD_TITLES.get(r["method"], r["method"]), r["concept"], title(r["metric"]),
              *_cells(r)] for r in result["rows"]]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
@@ -162,7 +162,7 @@ def render_markdown(result: dict) -> str:
            "*A*, *B* and *B - A* are the reported values (all samples); *paired B - A*, its interval and *p* "
            "use the samples in both. Mean rows are macro means over concepts.", ""]
     for method in dict.fromkeys(r["method"] for r in result["rows"]):
-        rows = [[r["concept"], COLUMNS.get(r["metric"], r["metric"]), *_cells(r)]
+        rows = [[r["concept"], title(r["metric"]), *_cells(r)]
                 for r in result["rows"] if r["method"] == method]
         out += [f"## {METHOD_TITLES.get(method, method)}", "",
                 markdown_table(["concept", "metric", "A", "B", "B - A", "paired B - A", "95% CI", "p", "pairs"],

@@ -67,6 +67,13 @@ def order_metrics(keys) -> list[str]:
     return [k for k in COLUMNS if k in present] + [k for k in present if k not in COLUMNS]
 
 
+def title(key: str) -> str:
+    """A metric's column header: COLUMNS', or "Rec. <set>" for a named set of recognition images."""
+    if key.startswith("recognition/subset/"):
+        return f"Rec. {key.rsplit('/', 1)[1]}"
+    return COLUMNS.get(key, key)
+
+
 def _columns(blocks: list[dict]) -> list[str]:
     return order_metrics(k for b in blocks for m in (*b["concepts"].values(), b["mean"])
                          for k, v in m.items() if v is not None)
@@ -75,12 +82,12 @@ def _columns(blocks: list[dict]) -> list[str]:
 def table_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the Markdown table: each block's concepts, then its mean row."""
     keys = _columns(blocks)
-    header = ["method", "checkpoint", "concept", *(COLUMNS.get(k, k) for k in keys)]
+    header = ["method", "checkpoint", "concept", *(title(k) for k in keys)]
     rows = []
     for b in blocks:
-        title = METHOD_TITLES.get(b["method"], b["method"])
+        method = METHOD_TITLES.get(b["method"], b["method"])
         for name, m in [*b["concepts"].items(), ("mean", b["mean"])]:
-            rows.append([title, b["checkpoint"], name, *(fmt(m.get(k)) for k in keys)])
+            rows.append([method, b["checkpoint"], name, *(fmt(m.get(k)) for k in keys)])
     return header, rows
 
 
@@ -95,7 +102,7 @@ def fmt_ci(interval: Optional[dict]) -> str:
 def ci_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the intervals table: the same rows and columns as `table_rows`."""
     keys = _columns(blocks)
-    header = ["method", "checkpoint", "concept", *(COLUMNS.get(k, k) for k in keys)]
+    header = ["method", "checkpoint", "concept", *(title(k) for k in keys)]
     rows = []
     for b in blocks:
         ci = b.get("ci") or {"concepts": {}, "mean": {}}
@@ -114,7 +121,7 @@ def separation_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
         if not sep:
             continue
         for name, judged in [*sep["concepts"].items(), ("mean", sep["mean"])]:
-            cells = [", ".join(COLUMNS.get(k, k) for k in order_metrics(judged) if judged[k] == v) or "–"
+            cells = [", ".join(title(k) for k in order_metrics(judged) if judged[k] == v) or "–"
                      for v in (DOES_NOT_SEPARATE, TOO_FEW, SEPARATES)]
             rows.append([METHOD_TITLES.get(b["method"], b["method"]), name, *cells])
     return header, rows
@@ -195,7 +202,7 @@ def plot_curves(result: dict, path: Path) -> Optional[Path]:
     for ax, (family, ks) in zip(axes[0], families.items()):
         for k in ks:
             ax.plot(steps, [b["mean"].get(k) if b["mean"].get(k) is not None else float("nan") for b in blocks],
-                    marker="o", label=COLUMNS.get(k, k))
+                    marker="o", label=title(k))
         ax.set_title(family)
         if family != "generation":  # accuracies and rates; cosines may be negative
             ax.set_ylim(-0.03, 1.03)

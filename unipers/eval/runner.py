@@ -124,6 +124,8 @@ class Evaluator:
             acc = M.recognition_accuracy(decisions, labels)
             metrics.update({f"{key}/{k}": acc[k] for k in ("pos", "neg", "weighted")})
             right = [(d is True) if y else (d is False) for d, y in zip(decisions, labels)]  # None: wrong
+            if key == "recognition":
+                self._subsets(t, ids, right, strata, metrics, per_sample)
             record(per_sample, f"{key}/pos", ids[:n_pos], right[:n_pos])
             record(per_sample, f"{key}/neg", ids[n_pos:], right[n_pos:])
             if acc["weighted"] is not None:
@@ -133,6 +135,25 @@ class Evaluator:
                 counts[f"{key}/unparsed"] = acc["unparsed"]
                 record(per_sample, f"{key}/unparsed", ids, [d is None for d in decisions])
         counts.update({"recognition/n_pos": len(t.positives), "recognition/n_neg": len(t.negatives)})
+
+    @staticmethod
+    def _subsets(t: EvalTarget, ids, right, strata, metrics: dict, per_sample) -> None:
+        """recognition/subset/<name>: the logit decision on each named set of images (targets.py), weighted
+        as (pos + neg) / 2 when the set holds both, else the share right."""
+        from unipers.eval.stats import point
+
+        for name, keys in sorted(t.subsets.items()):
+            idx = [i for i, k in enumerate(ids) if k in keys]
+            if not idx:
+                continue
+            values, st = [float(right[i]) for i in idx], [strata[i] for i in idx]
+            mixed = len(set(st)) > 1
+            by_stratum: dict[str, list[float]] = {}
+            for v, stratum in zip(values, st):
+                by_stratum.setdefault(stratum, []).append(v)
+            metrics[f"recognition/subset/{name}"] = point([list(by_stratum.values()) if mixed else [values]])
+            record(per_sample, f"recognition/subset/{name}", [ids[i] for i in idx], values,
+                   strata=st if mixed else None)
 
     def _choices(self, task: str, samples, p: Prompter, metrics: dict, counts: dict, per_sample=None) -> None:
         if not samples:

@@ -13,10 +13,19 @@ protocol), whatever number of question templates the manifest holds for it:
 
 Images are identified by content (SHA-1 of the decoded pixels), because every prepared folder holds its own copy
 of a shared image; a negative with the same bytes as one of the concept's positives is dropped.
+
+Held-out recognition images also fall into named sets, each scored apart (``EvalTarget.subsets``):
+
+- the ``subset`` a sample names (a benchmark's shifted test sets; the demo's near-misses);
+- ``hard_negatives`` / ``easy_negatives``: negatives ``prepare`` retrieved as the most similar pool images,
+  or drew at random (concept.json's negative_details);
+- ``with_others``: photos that show other concepts too (the sample's ``concepts`` names more than one);
+- ``other_concepts``: the other evaluated concepts' held-out photos, added as negatives.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -43,6 +52,8 @@ class EvalTarget:
     own_negatives: list[Path] = field(default_factory=list)
     negatives: list[Path] = field(default_factory=list)
     """own negatives + other evaluated concepts' positives, unique by content"""
+    subsets: dict[str, set[str]] = field(default_factory=dict)
+    """named set -> content keys of its held-out recognition images (positives and negatives)"""
     choices: dict[str, list[Sample]] = field(default_factory=dict)
     """vqa / qa multiple-choice samples of their held-out split"""
     notes: list[str] = field(default_factory=list)
@@ -126,6 +137,7 @@ def read_target(folder: Path) -> EvalTarget:
     target.positives = _unique(folder / s.image for s in pos)
     target.own_negatives = _unique((folder / s.image for s in rec if s.split == target.split and not s.label),
                                    {content_key(p) for p in target.positives})
+    target.subsets = _subsets(folder, concept, [s for s in rec if s.split == target.split])
     for task in CHOICE_TASKS:
         target.choices[task] = _held_out([s for s in samples if s.task == task], lambda s: bool(s.options))[1]
     if not target.class_word:
@@ -149,4 +161,22 @@ def load_targets(folders: Sequence[Path], names: Optional[Iterable[str]] = None)
         own = {content_key(p) for p in t.positives}
         others = [p for o in targets.values() if o is not t for p in o.positives]
         t.negatives = _unique([*t.own_negatives, *others], own)
+        if others:
+            t.subsets["other_concepts"] = {content_key(p) for p in others} - own
     return targets
+
+
+def _subsets(folder: Path, concept: dict, held_out: list[Sample]) -> dict[str, set[str]]:
+    """Named sets of held-out recognition images (module docstring), by content key."""
+    kinds = {d["image"]: d["kind"] for d in concept.get("negative_details") or []
+             if isinstance(d, dict) and d.get("kind") in ("hard", "easy")}
+    out: dict[str, set[str]] = {}
+    for s in held_out:
+        names = [s.subset] if s.subset else []
+        if s.concepts and len(s.concepts) > 1:
+            names.append("with_others")
+        if not s.label and s.image in kinds:
+            names.append(f"{kinds[s.image]}_negatives")
+        for name in names:
+            out.setdefault(re.sub(r"[^A-Za-z0-9_.-]", "_", name), set()).add(content_key(folder / s.image))
+    return out

@@ -45,6 +45,8 @@ def _numbers(report) -> str:
         f"[demo] attribute match over {N_GEN} images: <bo> {after['generation']['mean']:.3f} (untrained "
         f"{before['generation']['mean']:.3f}) vs class word {word['mean']:.3f}; shape {after['generation']['shape']:.2f}",
     ]
+    lines += [f"[demo] {method} {metric}: {v['value']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}] {v['verdict'] or ''}"
+              for method, row in report["results"]["baselines"].items() for metric, v in row.items()]
     lines += [f"[demo] {fb['question']!r}: {fb['answer']!r} -> {fa['answer']!r}"
               for fb, fa in zip(before["facts"], after["facts"])]
     return "\n".join(lines + [f"[demo] seconds: {report['seconds']}"])
@@ -85,6 +87,30 @@ def test_held_out_recognition_rises_and_rejects_near_misses(demo):
     assert after - before >= RECOGNITION_RISE
     assert after >= RECOGNITION_AFTER
     assert report["results"]["after"]["recognition"]["near_miss_neg"] >= NEAR_MISSES_REJECTED
+
+
+def test_the_report_sets_the_concept_beside_every_baseline(demo):
+    """eval/after scores the trained file beside all five baselines; the report quotes each one's weighted
+    recognition and near-miss rejection, with its 95% interval and verdict, from eval/after/metrics.json.
+    The "no concept token" baseline is the untrained start: the rows of bo_before.safetensors, the same
+    score. Near-misses are a named set of the prepared folder, so eval's share equals the demo's own."""
+    from unipers.eval.prompts import BASELINES, PERSONAL
+    from unipers.world.demo import NEAR_MISSES, RECOGNITION
+
+    out, report = demo
+    rows = report["results"]["baselines"]
+    assert list(rows) == [PERSONAL, *BASELINES]
+    metrics = json.loads((out / "eval" / "after" / "metrics.json").read_text())
+    for block in metrics["results"]:
+        for metric in (RECOGNITION, NEAR_MISSES):
+            row, ci = rows[block["method"]][metric], block["ci"]["mean"][metric]
+            assert row["value"] == block["mean"][metric] and ci["ci_low"] <= row["value"] <= ci["ci_high"]
+            assert (row["ci_low"], row["ci_high"]) == (ci["ci_low"], ci["ci_high"])
+            if block["method"] != PERSONAL:
+                assert row["verdict"] == block["separation"]["mean"][metric]
+    assert rows["token"][RECOGNITION]["value"] == report["results"]["before"]["eval"][RECOGNITION]
+    assert rows[PERSONAL][NEAR_MISSES]["value"] == report["results"]["after"]["recognition"]["near_miss_neg"]
+    assert "Held-out recognition against the baselines" in (out / "report.md").read_text()
 
 
 def test_fact_answers_are_learned(demo):

@@ -91,10 +91,11 @@ def write_photos(folder: Path, seed: int, obj=None, tag: str = "demo") -> dict:
     return out
 
 
-def prepare(photos: Path, out: Path, seed: int, name: str = NAME, obj=None, facts=FACTS) -> Path:
+def prepare(photos: Path, out: Path, seed: int, name: str = NAME, obj=None, facts=FACTS, near_misses=()) -> Path:
     """The photos -> a prepared concept folder through the project's own prepare path (validation,
     samples, manifest), with the held-out test split the benchmark protocol uses. ``name``, ``obj``
-    (default the demo object: its shape is the class word) and ``facts`` default to the demo's."""
+    (default the demo object: its shape is the class word) and ``facts`` default to the demo's; the test
+    negatives among ``near_misses`` (paths) form the named set "near_misses", which eval scores apart."""
     from unipers.data.images import load_photos
     from unipers.data.prepare import ConceptInputs, PrepareOptions, build_prepared
     from unipers.world.build import demo_object
@@ -107,7 +108,8 @@ def prepare(photos: Path, out: Path, seed: int, name: str = NAME, obj=None, fact
     inputs = ConceptInputs(
         name=name, train=load("train"), val=load("val"), test=load("test"),
         test_negatives=[p.path for p in load("test_negatives")], given_negatives=negatives,
-        class_word=(obj or demo_object()).shape, fact_pairs=fact_pairs, facts_source="demo facts")
+        class_word=(obj or demo_object()).shape, fact_pairs=fact_pairs, facts_source="demo facts",
+        subsets={str(p): "near_misses" for p in near_misses})
     opts = PrepareOptions(min_side=32, quiet=True, questions_per_photo=8)
     val_share = N_NEG_VAL / (N_NEG_TRAIN + N_NEG_VAL)  # prepare holds this share of the negatives out
     return build_prepared(inputs, out, seed=seed, val_fraction=val_share, overwrite=True, options=opts)
@@ -137,7 +139,7 @@ def demo_config(root: Path, out: Path, s: DemoSettings, concepts=None):
         # places and sizes, and the base's descriptions of them vary (it sometimes reads the star as a
         # cross); the concept then accepts its held-out photos (positives 0.50 -> 0.92 in a probe)
         "data.augment.views=8",
-        f"eval.steps={s.gen_steps}", f"eval.guidance={s.guidance}", "eval.baselines=[]",
+        f"eval.steps={s.gen_steps}", f"eval.guidance={s.guidance}",
     ])
 
 
@@ -214,17 +216,36 @@ def class_word_generation(session, classifier, s: DemoSettings, images_dir: Path
 
 
 def held_out_eval(cfg, session, concept_file: Path, data: Path, out: Path) -> dict:
-    """``unipers eval`` (no generation: the world has no CLIP) on the held-out split."""
+    """``unipers eval`` (no generation: the world has no CLIP) on the held-out split: the mean row."""
     return held_out_results(cfg, session, [concept_file], [data], out)["mean"]
 
 
-def held_out_results(cfg, session, concept_files, data, out: Path) -> dict:
+def held_out_results(cfg, session, concept_files, data, out: Path, baselines: bool = False) -> dict:
     """``held_out_eval`` of concept files loaded together into one session, each concept scored on its own
-    prepared folder of ``data``: the whole result (per concept: ``result["concepts"][name]``)."""
+    prepared folder of ``data``: the whole result (per concept: ``result["concepts"][name]``); with
+    ``baselines``, the config's eval.baselines beside them."""
     from unipers.eval.runner import EvalRequest, run_eval
 
-    return run_eval(cfg, EvalRequest(concept_files=list(concept_files), data=list(data), out=out, generation=False),
-                    session=session, log=lambda m: None)
+    return run_eval(cfg, EvalRequest(concept_files=list(concept_files), data=list(data), out=out, generation=False,
+                                     baselines=baselines), session=session, log=lambda m: None)
+
+
+RECOGNITION, NEAR_MISSES = "recognition/weighted", "recognition/subset/near_misses"
+
+
+def against_baselines(result: dict) -> dict:
+    """Per method (the concept file, then each baseline): held-out weighted recognition and the share of
+    near-misses rejected, each with its 95% interval and, for a baseline, whether it separates from the
+    concept file (eval's rule: disjoint intervals)."""
+    out = {}
+    for block in result["results"]:
+        out[block["method"]] = {}
+        for metric in (RECOGNITION, NEAR_MISSES):
+            ci = block.get("ci", {}).get("mean", {}).get(metric, {})
+            out[block["method"]][metric] = {
+                "value": block["mean"].get(metric), "ci_low": ci.get("ci_low"), "ci_high": ci.get("ci_high"),
+                "verdict": block.get("separation", {}).get("mean", {}).get(metric)}
+    return out
 
 
 # ---- the whole loop -------------------------------------------------------------------------------------
@@ -268,7 +289,7 @@ def _run_demo(out: Path, root: str | Path | None, s: DemoSettings, overwrite: bo
     t1 = time.perf_counter()
     _say(f"[2/7] photos of a never-seen {demo_object()} and its negatives -> prepare", s.quiet)
     photos = write_photos(out / "photos", s.seed)
-    data = prepare(out / "photos", out / "data" / NAME, s.seed)
+    data = prepare(out / "photos", out / "data" / NAME, s.seed, near_misses=photos["test_negatives"][:N_TEST_NEAR])
     cfg = demo_config(root, out, s)
     (out / "config.yaml").write_text(to_yaml(cfg))
     t["prepare"] = time.perf_counter() - t1
@@ -294,8 +315,9 @@ def _run_demo(out: Path, root: str | Path | None, s: DemoSettings, overwrite: bo
 
     t1 = time.perf_counter()
     _say("[6/7] unipers eval on the held-out split, before and after", s.quiet)
-    for tag, file in (("before", before_file), ("after", trained)):
-        results[tag]["eval"] = held_out_eval(cfg, session, file, data, out / "eval" / tag)
+    results["before"]["eval"] = held_out_eval(cfg, session, before_file, data, out / "eval" / "before")
+    after = held_out_results(cfg, session, [trained], [data], out / "eval" / "after", baselines=True)
+    results["after"]["eval"], results["baselines"] = after["mean"], against_baselines(after)
     t["eval"] = time.perf_counter() - t1
     t["total"] = time.perf_counter() - t0
 
@@ -321,7 +343,16 @@ def _pct(x: float) -> str:
     return f"{x:.2f}"
 
 
+def _with_ci(v: dict) -> str:
+    if v["value"] is None:
+        return "–"
+    ci = f" [{_pct(v['ci_low'])}, {_pct(v['ci_high'])}]" if v["ci_low"] is not None else ""
+    return f"{_pct(v['value'])}{ci}" + (f", {v['verdict']}" if v["verdict"] else "")
+
+
 def format_report(r: dict) -> str:
+    from unipers.eval.prompts import METHOD_TITLES
+
     b, a, c = r["results"]["before"], r["results"]["after"], r["results"]["class_word"]
     obj = r["object"]
     lines = [
@@ -346,6 +377,16 @@ def format_report(r: dict) -> str:
         f"- `<{NAME}>` after: {_pct(a['generation']['shape'])} / {_pct(a['generation']['colour'])} / {_pct(a['generation']['pattern'])}",
         f"- `<{NAME}>` before: {_pct(b['generation']['shape'])} / {_pct(b['generation']['colour'])} / {_pct(b['generation']['pattern'])}",
         f"- class word: {_pct(c['shape'])} / {_pct(c['colour'])} / {_pct(c['pattern'])}",
+        "",
+        "## Held-out recognition against the baselines",
+        "",
+        "`unipers eval` on the trained file and its baselines (`eval/after/report.md`), with 95% bootstrap "
+        "intervals; a baseline separates from the concept file when the two intervals are disjoint.",
+        "",
+        "| method | weighted recognition | near-misses rejected |",
+        "|---|---|---|",
+        *(f"| {METHOD_TITLES.get(m, m)} | {_with_ci(v[RECOGNITION])} | {_with_ci(v[NEAR_MISSES])} |"
+          for m, v in r["results"]["baselines"].items()),
         "",
         "## Answers",
         "",

@@ -323,6 +323,8 @@ class EvalConfig:
     """Local CLIP folder (transformers CLIPModel + processor) for CLIP-I / CLIP-T."""
     dino_path: Optional[str] = None
     """Local DINO / DINOv2 folder (transformers AutoModel + image processor) for DINO similarity."""
+    judge_path: Optional[str] = None
+    """Local causal LM folder that judges open-ended answers against their reference (none: not scored)."""
     prompts: list[str] = field(default_factory=list)
     """Generation prompts with {concept}; empty = the built-in DreamBench-style templates."""
     images_per_prompt: int = 4

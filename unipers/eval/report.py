@@ -25,6 +25,7 @@ COLUMNS = {
     "recognition_text/neg": "Rec. text neg", "recognition_text/unparsed": "Rec. text unparsed",
     "vqa/sum": "VQA LL-sum", "vqa/mean": "VQA LL-mean", "vqa/generation": "VQA gen", "vqa/unparsed": "VQA unparsed",
     "qa/sum": "QA LL-sum", "qa/mean": "QA LL-mean", "qa/generation": "QA gen", "qa/unparsed": "QA unparsed",
+    "vqa/judge": "VQA judge", "qa/judge": "QA judge",
     "caption/recall": "Caption recall", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO",
     "copy/share": "Copies", "clip_i/no_copies": "CLIP-I w/o copies", "clip_t/no_copies": "CLIP-T w/o copies",
     "dino/no_copies": "DINO w/o copies", "copy/clip_max": "Copy CLIP max", "copy/dino_max": "Copy DINO max",
@@ -40,6 +41,10 @@ NOTES = """\
 - Multiple choice: *LL-sum* / *LL-mean* pick the option whose text has the highest summed / mean per-token
   log-probability as the answer; *gen* reads the option letter (or exact option text) from the generated
   answer.
+- Judge (open-ended questions, a reference answer and no options): the generated answer, with the
+  reference, goes to the local judge model of eval.judge_path (named under Data and Settings), whose
+  verdict is whether " yes" is more likely than " no" after "Does the candidate answer agree with the
+  reference answer? Answer yes or no."; the share judged right.
 - Caption recall: share of "Describe this photo." captions of held-out photos that name the concept
   (its identifier token, or its name as a word).
 - CLIP-I / DINO: mean cosine over all (generated image, train photo) pairs; CLIP-T: mean cosine of each

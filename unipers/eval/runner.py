@@ -58,8 +58,9 @@ class EvalRequest:
 class Evaluator:
     """Scores targets with one session; image tokens and reference embeddings are computed once."""
 
-    def __init__(self, session, settings, *, clip=None, dino=None, grids: Optional[Path] = None):
+    def __init__(self, session, settings, *, clip=None, dino=None, judge=None, grids: Optional[Path] = None):
         self.session, self.s, self.clip, self.dino, self.grids = session, settings, clip, dino, grids
+        self.judge = judge
         self.templates = check_templates(settings.prompts) if settings.prompts else list(GENERATION_TEMPLATES)
         self._tokens: dict[str, Tensor] = {}
         self._descriptions: dict[str, list[int]] = {}
@@ -98,6 +99,9 @@ class Evaluator:
         self._recognition(target, p, metrics, counts, per_sample)
         for task, samples in target.choices.items():
             self._choices(task, samples, p, metrics, counts, per_sample)
+        if self.judge is not None:
+            for task, samples in target.open.items():
+                self._open(task, samples, p, metrics, counts, per_sample)
         self._captions(target, p, metrics, counts, per_sample)
         if self.clip is not None:
             self._generation(target, style(method), ref, metrics, counts, grid_name, per_sample)
@@ -186,6 +190,27 @@ class Evaluator:
         for key, chosen in (("sum", by_sum), ("mean", by_mean), ("generation", parsed)):
             record(per_sample, f"{task}/{key}", ids, [c == g for c, g in zip(chosen, gold)])
         record(per_sample, f"{task}/unparsed", ids, [x is None for x in parsed])
+
+    def _open(self, task: str, samples, p: Prompter, metrics: dict, counts: dict, per_sample=None) -> None:
+        """Open-ended questions: the answer the method generates, judged against the reference (judge.py)."""
+        if not samples:
+            return
+        from unipers.eval.prompts import rewrite
+
+        seqs = []
+        for s in samples:
+            images = self.tokens([p.target.folder / s.image]) if s.image else []
+            seqs.append(p.question(f"{IMAGE}\n" * len(images) + s.question, images))
+        name = p.target.name
+        plain = [rewrite(text, name, "none", None) for text in (s.question for s in samples)]
+        references = [rewrite(s.answer, name, "none", None) for s in samples]
+        answers = [rewrite(text, name, "none", None) for _, text in self._answers(seqs)]
+        right = [q > 0.5 for q in self.judge.p_yes(name, plain, references, answers)]
+        metrics[f"{task}/judge"] = sum(right) / len(right)
+        counts[f"{task}/judge_n"] = len(right)
+        ids = unique_ids([digest(s.question, content_key(p.target.folder / s.image) if s.image else "", s.answer)
+                          for s in samples])
+        record(per_sample, f"{task}/judge", ids, right)
 
     def _captions(self, t: EvalTarget, p: Prompter, metrics: dict, counts: dict, per_sample=None) -> None:
         if not t.positives:
@@ -276,6 +301,15 @@ class Evaluator:
             record(per_sample, f"{metric}/no_copies", kept_ids, kept)
 
 
+def _judge_note(t: EvalTarget, judge) -> list[str]:
+    n = sum(len(v) for v in t.open.values())
+    if not n:
+        return []
+    if judge is None:
+        return [f"{n} open-ended question(s) not scored: set eval.judge_path to a local causal LM folder"]
+    return [f"{n} open-ended question(s) judged by {judge.name}"]
+
+
 def run_checkpoints(run_dir: Path) -> list[Path]:
     """A run's concept files in step order, then last.safetensors (best_* are picks, not steps)."""
     folder = Path(run_dir) / "concepts"
@@ -351,10 +385,15 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
     if request.generation:  # fail on a missing metric model before any slow work
         clip = ClipEmbedder.load(settings.clip_path, device)
         dino = DinoEmbedder.load(settings.dino_path, device)
+    judge = None
+    if settings.judge_path:
+        from unipers.eval.judge import Judge
+
+        judge = Judge.load(settings.judge_path, device, settings.batch_size)
     session = session or InferenceSession.from_config(cfg, device=device)
     with atomic_directory(out, overwrite=request.overwrite, kind="eval", inputs=inputs) as tmp:
         grids = tmp / "grids"
-        ev = Evaluator(session, settings, clip=clip, dino=dino, grids=grids)
+        ev = Evaluator(session, settings, clip=clip, dino=dino, judge=judge, grids=grids)
         groups = ([(f.stem, records[str(f)]["step"], [f]) for f in files] if request.run_dir
                   else [("concepts", None, files)] if files else [])
         blocks, samples, evaluated = [], [], None
@@ -397,9 +436,10 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
                            "metric": "mean over strata of each stratum's mean of values (one stratum: the mean)"},
             "config": dataclasses.asdict(cfg),
             "models": {"backbone": cfg.backbone.path, "decoder": cfg.decoder.path, "connector": cfg.connector.path,
-                       "fingerprints": session.model.fingerprints},
+                       "judge": judge.name if judge else None, "fingerprints": session.model.fingerprints},
             "concept_files": records,
-            "data": {n: {"folder": str(t.folder), **t.counts(), "notes": t.notes} for n, t in targets.items()},
+            "data": {n: {"folder": str(t.folder), **t.counts(), "notes": t.notes + _judge_note(t, judge)}
+                     for n, t in targets.items()},
             "results": blocks,
         }
         final = [b for b in blocks if b["method"] == PERSONAL]

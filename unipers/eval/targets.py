@@ -56,11 +56,14 @@ class EvalTarget:
     """named set -> content keys of its held-out recognition images (positives and negatives)"""
     choices: dict[str, list[Sample]] = field(default_factory=dict)
     """vqa / qa multiple-choice samples of their held-out split"""
+    open: dict[str, list[Sample]] = field(default_factory=dict)
+    """vqa / qa open-ended samples (a reference answer, no options) of their held-out split: the judge's"""
     notes: list[str] = field(default_factory=list)
 
     def counts(self) -> dict:
         return {"split": self.split, "positives": len(self.positives), "negatives": len(self.negatives),
-                "references": len(self.references), **{k: len(v) for k, v in self.choices.items()}}
+                "references": len(self.references), **{k: len(v) for k, v in self.choices.items()},
+                **{f"{k}_open": len(v) for k, v in self.open.items()}}
 
 
 def expand_data_dirs(paths: Sequence[str | Path]) -> list[Path]:
@@ -140,6 +143,8 @@ def read_target(folder: Path) -> EvalTarget:
     target.subsets = _subsets(folder, concept, [s for s in rec if s.split == target.split])
     for task in CHOICE_TASKS:
         target.choices[task] = _held_out([s for s in samples if s.task == task], lambda s: bool(s.options))[1]
+        target.open[task] = _held_out([s for s in samples if s.task == task],
+                                      lambda s: not s.options and bool(s.answer))[1]
     if not target.class_word:
         target.notes.append("no class word in concept.json: CLIP-T not scored; the no-info baseline says 'the object'")
     if not target.references:

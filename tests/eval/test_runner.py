@@ -213,6 +213,7 @@ def test_unipers_eval_end_to_end(prepared_concepts, concept_files, clip_dir, din
     assert "clip_i" not in understanding
     assert {k: v for k, v in bo.items() if k in understanding} == understanding  # same seeds, same answers
     assert "ci" not in quick_result and "confidence intervals" not in (quick / "report.md").read_text()
+    assert (out / "baselines.png").stat().st_size > 1000 and not (quick / "baselines.png").exists()
     assert (quick / "samples.jsonl").is_file()  # --bootstrap 0: no intervals, the samples all the same
 
     capsys.readouterr()

@@ -79,14 +79,14 @@ def title(key: str) -> str:
     return COLUMNS.get(key, key)
 
 
-def _columns(blocks: list[dict]) -> list[str]:
+def metric_columns(blocks: list[dict]) -> list[str]:
     return order_metrics(k for b in blocks for m in (*b["concepts"].values(), b["mean"])
                          for k, v in m.items() if v is not None)
 
 
 def table_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the Markdown table: each block's concepts, then its mean row."""
-    keys = _columns(blocks)
+    keys = metric_columns(blocks)
     header = ["method", "checkpoint", "concept", *(title(k) for k in keys)]
     rows = []
     for b in blocks:
@@ -106,7 +106,7 @@ def fmt_ci(interval: Optional[dict]) -> str:
 
 def ci_rows(blocks: list[dict]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the intervals table: the same rows and columns as `table_rows`."""
-    keys = _columns(blocks)
+    keys = metric_columns(blocks)
     header = ["method", "checkpoint", "concept", *(title(k) for k in keys)]
     rows = []
     for b in blocks:
@@ -156,7 +156,7 @@ def render_markdown(result: dict) -> str:
     separation = separation_rows(main)
     if separation[1]:
         out += ["## Separation from the baselines", "", f"Rule: {result.get('separation_rule', '')}.", "",
-                markdown_table(*separation), ""]
+                markdown_table(*separation), "", "![each metric against the baselines](baselines.png)", ""]
     if len(personal) > 1:
         curve = [{**b, "concepts": {}} for b in personal]
         out += ["## Over training (mean over concepts)", "", markdown_table(*table_rows(curve)), "",
@@ -186,40 +186,6 @@ def save_grid(images, per_row: int, path: Path) -> Path:
     return path
 
 
-def plot_curves(result: dict, path: Path) -> Optional[Path]:
-    """The mean metrics of each checkpoint against its training step, one panel per metric family."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from unipers.io import atomic_file
-
-    blocks = [b for b in result["results"] if b["method"] == PERSONAL]
-    if not blocks:
-        return None
-    steps = [b["step"] if b["step"] is not None else i for i, b in enumerate(blocks)]
-    keys = _columns(blocks)
-    families: dict[str, list[str]] = {}
-    for k in keys:
-        families.setdefault(k.split("/")[0] if "/" in k else "generation", []).append(k)
-    fig, axes = plt.subplots(1, max(1, len(families)), figsize=(4 * max(1, len(families)), 3.2), squeeze=False)
-    for ax, (family, ks) in zip(axes[0], families.items()):
-        for k in ks:
-            ax.plot(steps, [b["mean"].get(k) if b["mean"].get(k) is not None else float("nan") for b in blocks],
-                    marker="o", label=title(k))
-        ax.set_title(family)
-        if family != "generation":  # accuracies and rates; cosines may be negative
-            ax.set_ylim(-0.03, 1.03)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_file(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
-
-
 def write_all(result: dict, out: Path, curves: bool = False) -> None:
     from unipers import __version__
     from unipers.io import atomic_file
@@ -228,8 +194,11 @@ def write_all(result: dict, out: Path, curves: bool = False) -> None:
     result.setdefault("unipers_version", __version__)
     with atomic_file(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    from unipers.eval.plots import plot_baselines, plot_curves
+
     if curves:
         plot_curves(result, out / "curves.png")
+    plot_baselines(result, out / "baselines.png")
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(render_markdown(result), encoding="utf-8")
 

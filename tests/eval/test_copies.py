@@ -9,6 +9,7 @@ from PIL import Image
 from unipers.config import load_config
 from unipers.eval import copies as C
 from unipers.eval.prompts import PERSONAL
+from unipers.eval.generation import GenerationScorer
 from unipers.eval.runner import Evaluator
 from unipers.eval.targets import load_targets
 
@@ -48,7 +49,7 @@ def test_a_generated_train_photo_is_a_copy_and_leaves_the_metrics(session, prepa
     target = load_targets(prepared_concepts, ["bo"])["bo"]
     photo = torch.from_numpy(np.array(open_photos(target.references[:1])[0])).permute(2, 0, 1).float() / 255
     noise = torch.rand(photo.shape, generator=torch.Generator().manual_seed(0))
-    monkeypatch.setattr(Evaluator, "_draw", lambda self, prompt, method, ref: torch.stack([photo, noise]))
+    monkeypatch.setattr(GenerationScorer, "draw", lambda self, prompt, method, ref: torch.stack([photo, noise]))
     metrics, counts, samples = ev.score(target, PERSONAL)
 
     assert samples["copy/share"]["values"] == [1.0, 0.0] and metrics["copy/share"] == 0.5 and counts["copy/n"] == 1

@@ -1,6 +1,6 @@
 """Benchmark outputs: metrics.json, report.md (with intervals and separation), image grids, training curves.
 
-    write_all(result, "eval/bo")         # metrics.json + report.md (+ curves.png when curves=True)
+    write_all(result, "eval/bo")         # metrics.json + report.md (the figures are plots.py's)
 
 (`unipers eval --compare` is compare.py; per-sample values and intervals are uncertainty.py.)
 
@@ -186,7 +186,7 @@ def save_grid(images, per_row: int, path: Path) -> Path:
     return path
 
 
-def write_all(result: dict, out: Path, curves: bool = False) -> None:
+def write_all(result: dict, out: Path) -> None:
     from unipers import __version__
     from unipers.io import atomic_file
 
@@ -194,11 +194,6 @@ def write_all(result: dict, out: Path, curves: bool = False) -> None:
     result.setdefault("unipers_version", __version__)
     with atomic_file(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    from unipers.eval.plots import plot_baselines, plot_curves
-
-    if curves:
-        plot_curves(result, out / "curves.png")
-    plot_baselines(result, out / "baselines.png")
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text(render_markdown(result), encoding="utf-8")
 

@@ -32,8 +32,7 @@ from torch import Tensor
 from unipers.concepts.recognition import recognition_layout
 from unipers.eval import metrics as M
 from unipers.eval.prompts import (BASELINES, CAPTION_QUESTION, GENERATION_TEMPLATES, IMAGE, ON_BASE, PERSONAL,
-                                  RECOGNITION_QUESTION, check_templates, choice_question, class_prompt,
-                                  generation_prompt, style)
+                                  RECOGNITION_QUESTION, check_templates, choice_question, style)
 from unipers.eval.scoring import Prompter, answer_logprobs, first_token_logits, generate_answers
 from unipers.eval.targets import EvalTarget, content_key, expand_data_dirs, load_targets
 from unipers.eval.uncertainty import digest, record, unique_ids
@@ -59,12 +58,14 @@ class Evaluator:
     """Scores targets with one session; image tokens and reference embeddings are computed once."""
 
     def __init__(self, session, settings, *, clip=None, dino=None, judge=None, grids: Optional[Path] = None):
-        self.session, self.s, self.clip, self.dino, self.grids = session, settings, clip, dino, grids
-        self.judge = judge
+        from unipers.eval.generation import GenerationScorer
+
+        self.session, self.s, self.judge = session, settings, judge
         self.templates = check_templates(settings.prompts) if settings.prompts else list(GENERATION_TEMPLATES)
+        self.generation = (GenerationScorer(session, settings, self.templates, clip=clip, dino=dino, grids=grids)
+                           if clip is not None else None)
         self._tokens: dict[str, Tensor] = {}
         self._descriptions: dict[str, list[int]] = {}
-        self._refs: dict[tuple[str, Path], dict[str, Tensor]] = {}
 
     def tokens(self, paths: Sequence[Path]) -> list[Tensor]:
         """VQ tokens per image, encoded once per content (prepared folders hold copies of shared photos)."""
@@ -103,8 +104,8 @@ class Evaluator:
             for task, samples in target.open.items():
                 self._open(task, samples, p, metrics, counts, per_sample)
         self._captions(target, p, metrics, counts, per_sample)
-        if self.clip is not None:
-            self._generation(target, style(method), ref, metrics, counts, grid_name, per_sample)
+        if self.generation is not None:
+            self.generation.score(target, style(method), ref, metrics, counts, grid_name, per_sample)
         return metrics, counts, per_sample
 
     # ---- understanding ----------------------------------------------------------------------------------
@@ -221,86 +222,6 @@ class Evaluator:
         record(per_sample, "caption/recall", [content_key(i) for i in t.positives], named)
         counts["caption/n"] = len(named)
 
-    # ---- generation -------------------------------------------------------------------------------------
-    def _references(self, t: EvalTarget) -> dict[str, Tensor]:
-        key = (t.name, t.folder)
-        if key not in self._refs:
-            from unipers.eval.copies import thumbnails
-            from unipers.eval.models import open_photos
-
-            photos = open_photos(t.references)
-            self._refs[key] = {"clip": self.clip.images(photos),
-                               "dino": self.dino.images(photos) if self.dino is not None else None,
-                               "pixel": thumbnails(photos)}
-        return self._refs[key]
-
-    def _draw(self, prompt: str, method: str, ref: Optional[Tensor]) -> Tensor:
-        s, n = self.s, self.s.images_per_prompt
-        if method != "image":
-            return self.session.generate([prompt], seed=s.seed, num_images=n, steps=s.steps, guidance=s.guidance).tensors
-        # A photo in context: the base reads it like a question's image; the connector sees those states.
-        return self.session.model.generate_images([prompt] * n, [s.seed + i for i in range(n)], mode="plain",
-                                                  images=[[ref]] * n, steps=s.steps, guidance=s.guidance)
-
-    @torch.no_grad()
-    def _generation(self, t: EvalTarget, method: str, ref: Optional[Tensor], metrics: dict, counts: dict,
-                    grid_name: Optional[str], per_sample=None) -> None:
-        from unipers.eval.prompts import context
-
-        prefix, _ = context(t.name, method, t.class_word, t.facts)
-        clip_img, dino_img, drawn, class_texts, ids = [], [], [], [], []
-        for template in self.templates:
-            images = self._draw(prefix + generation_prompt(template, t.name, method, t.class_word), method, ref)
-            clip_img.append(self.clip.images(images))
-            if self.dino is not None:
-                dino_img.append(self.dino.images(images))
-            drawn.append((images.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-            ids += [f"{digest(template)}/{i}" for i in range(len(images))]  # the prompt and its i-th seed
-            if t.class_word:
-                class_texts += [class_prompt(template, t.class_word)] * len(images)
-        gen, ids = torch.cat(clip_img), unique_ids(ids)
-        dino = torch.cat(dino_img) if dino_img else None
-        counts["generation/n_images"] = len(gen)
-        rows: dict[str, list[float]] = {}  # metric -> per generated image
-        if t.references:
-            refs = self._references(t)
-            rows["clip_i"] = M.pairwise_cosine_rows(gen, refs["clip"])
-            if dino is not None:
-                rows["dino"] = M.pairwise_cosine_rows(dino, refs["dino"])
-        if class_texts:  # CLIP-T needs a class word to write the prompt without the concept
-            rows["clip_t"] = M.paired_cosines(gen, self.clip.texts(class_texts))
-        for metric, values in rows.items():
-            metrics[metric] = sum(values) / len(values)
-            record(per_sample, metric, ids, values)
-        if t.references:
-            self._copies(refs, gen, dino, torch.cat(drawn), ids, rows, metrics, counts, per_sample)
-        if self.grids is not None and grid_name:
-            from unipers.eval.report import save_grid
-
-            save_grid(torch.cat(drawn), self.s.images_per_prompt, self.grids / f"{grid_name}.png")
-
-
-    def _copies(self, refs, gen, dino, drawn, ids, rows, metrics, counts, per_sample) -> None:
-        """Each generated image's highest similarity to a train photo (CLIP, DINO, pixels), the share that
-        are copies (eval.copy_thresholds), and the generation metrics over the other images."""
-        from unipers.eval import copies as C
-
-        sims = {"clip": C.max_cosine_rows(gen, refs["clip"]), "pixel": C.max_pixel_similarity(drawn, refs["pixel"])}
-        if dino is not None:
-            sims["dino"] = C.max_cosine_rows(dino, refs["dino"])
-        flagged = C.flag_copies(sims, self.s.copy_thresholds)
-        metrics["copy/share"] = sum(flagged) / len(flagged)
-        counts["copy/n"] = sum(flagged)
-        record(per_sample, "copy/share", ids, flagged)
-        for measure, values in sims.items():
-            metrics[f"copy/{measure}_max"] = sum(values) / len(values)
-            record(per_sample, f"copy/{measure}_max", ids, values)
-        for metric, values in rows.items():
-            kept, kept_ids = C.without(values, ids, flagged)
-            metrics[f"{metric}/no_copies"] = sum(kept) / len(kept) if kept else None
-            record(per_sample, f"{metric}/no_copies", kept_ids, kept)
-
-
 def _judge_note(t: EvalTarget, judge) -> list[str]:
     n = sum(len(v) for v in t.open.values())
     if not n:
@@ -354,7 +275,7 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
     """Evaluate, write metrics.json, report.md and grids (and curves.png for a run); returns the results.
 
     A `session` passed in is reused (and left with no concepts loaded); by default one is built from `cfg`."""
-    from unipers.eval import report, uncertainty
+    from unipers.eval import plots, report, uncertainty
     from unipers.eval.models import ClipEmbedder, DinoEmbedder
     from unipers.inference.session import InferenceSession
     from unipers.io import atomic_directory, check_output
@@ -450,5 +371,8 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
         if resamples:
             result["separation_rule"] = uncertainty.SEPARATION_RULE
         uncertainty.write_samples(tmp / uncertainty.SAMPLES_FILE, blocks, samples)
-        report.write_all(result, tmp, curves=bool(request.run_dir))
+        report.write_all(result, tmp)
+        plots.plot_baselines(result, tmp / "baselines.png")
+        if request.run_dir:
+            plots.plot_curves(result, tmp / "curves.png")
     return result

@@ -220,7 +220,7 @@ def write_mcllava(root):
 
 
 def test_mcllava_one_folder_per_concept_multi_questions_with_every_concept_named(tmp_path):
-    from unipers.eval.targets import load_targets
+    from unipers.eval.targets import content_key, load_targets
 
     root = write_mcllava(tmp_path / "mcdataset")
     anya, loid = import_mcllava(root, tmp_path / "out")
@@ -247,6 +247,8 @@ def test_mcllava_one_folder_per_concept_multi_questions_with_every_concept_named
     assert loid_q["Are <Anya> and <Loid> at home?"].concept == "Loid"
     targets = load_targets([anya, loid])  # eval reads the new fields
     assert len(targets["Anya"].choices["vqa"]) == 3 and len(targets["Anya"].positives) == 4
+    multi = {content_key(p) for p in targets["Anya"].positives if "multi" in source_of(anya, str(p.relative_to(anya)))}
+    assert len(multi) == 2 and targets["Anya"].subsets["with_others"] == multi  # scored apart by eval
 
 
 def test_mcllava_missing_multi_image_is_refused_for_every_concept(tmp_path, tree_digest, one_line_error, unipers_cli):

@@ -19,7 +19,8 @@ released data::
         │       ├── vqa.json              {"<image>": {"Human": question, "AI": answer}}  -> vqa
         │       └── qa.json               [{"question": ..., "answer": letter}, ...]      -> qa (text only)
         └── multi/<A>_<B>[_<C>...]/       one scenario's multi-concept test set, named by its concepts
-            ├── <i>.png                   test photos of every concept of the scenario (recognition positives)
+            ├── <i>.png                   test photos of every concept of the scenario (recognition positives,
+            │                             the named set ``with_others``)
             ├── choice.json, vqa.json     {"<image>": [{"Human", "AI"}, ...]}
             ├── qa.json                   [{"question", "answer"}, ...]
             └── position.json, vqa_position.json    not read
@@ -116,7 +117,10 @@ def import_mcllava(root: Path | str, out_root: Path | str, *, concepts: Sequence
                 continue
             folder = root / g / "multi" / case
             for c in mine:
-                plans[c].test += _photos(folder)
+                photos = _photos(folder)
+                plans[c].test += photos
+                # "Is <Anya> in this photo?" with <Loid> in it too: eval scores these photos apart
+                plans[c].subsets.update({str(ph): "with_others" for ph in photos})
             for task, qa in read_questions(folder, root, f"mcllava:{g}/multi/{case}", problems):
                 named = named_in(qa, scenario)
                 for c in (c for c in named if c in plans):

@@ -146,3 +146,17 @@ def test_export_logits_equal_the_spliced_model(trained, rs_dirs, unipers_run, tm
     # The base vocabulary and <bo> itself; slot rows are never outputs (zero head rows, suppressed on export).
     keep = identifier + 1
     assert torch.allclose(logits[..., :keep], spliced[..., :keep], atol=1e-4, rtol=1e-4)
+
+
+def test_slurm_concept_array_dry_run_with_the_real_configs(trained, unipers_run):
+    """docs/slurm.md's concept array with the real configs and eval after training, checked and printed:
+    the sbatch file names the array and every task's train and eval; nothing is written or queued."""
+    _, run, _, work = trained
+    (work / "concepts.txt").write_text("data/bo\n")
+    code, out, err = unipers_run("slurm", "submit", "personalize", "backbone/anole-7b", "decoder/sd15",
+                                 "slurm/cluster", f"connector.path={work / 'runs' / 'align' / 'connector.safetensors'}",
+                                 "slurm.concepts_per_task=4", "--concepts", "concepts.txt", "--eval", "--no-generation",
+                                 "run_dir=runs/array", "--dry-run", cwd=work)
+    assert code == 0, err[-2000:]
+    assert "#SBATCH --array=0-0" in out and "unipers.cli eval" in out and "--no-generation" in out
+    assert not (work / "runs" / "array").exists()

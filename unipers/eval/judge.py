@@ -51,7 +51,9 @@ class Judge:
         if not (path / "config.json").is_file():
             raise MetricModelError(f"eval.judge_path={path}: not a local model folder (no config.json)")
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+            # dtype "auto": the folder's own (a 7B judge in bf16 is 15 GB, in float32 30 GB)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                                         dtype="auto")
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise MetricModelError(f"eval.judge_path={path}: cannot load a causal LM and its tokenizer ({err})") from err

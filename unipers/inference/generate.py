@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs",
                         help="output folder; files already there are kept, new names get a _2, _3, ... suffix")
     parser.add_argument("--from-sidecar", default=None, metavar="JSON", help="regenerate an image from its sidecar")
+    parser.add_argument("--think", action="store_true",
+                        help="let the AR model first rewrite each prompt with what it knows about its concepts, "
+                             "then draw the rewrite (printed; the sidecar keeps both)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -62,9 +65,12 @@ def main(args: argparse.Namespace) -> int:
         check_fingerprints(args.from_sidecar, side, fingerprints, recorded)
     try:
         output = session.generate(args.prompt, negative=args.negative, seed=args.seed, num_images=args.num_images,
-                                  steps=args.steps, guidance=args.guidance, size=args.size, scheduler=args.scheduler)
+                                  steps=args.steps, guidance=args.guidance, size=args.size, scheduler=args.scheduler,
+                                  think=args.think and not args.from_sidecar)  # a sidecar holds the rewrite
     except (InputError, ValueError) as err:
         fail(err)
+    for given, drawn in dict.fromkeys((st.thought_from, st.prompt) for st in output.settings if st.thought_from):
+        print(f"think: {given!r} -> {drawn!r}", file=sys.stderr)
     saved = save_images(output, out, fingerprints, models)
     for path in saved:
         print(path)

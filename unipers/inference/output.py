@@ -57,6 +57,8 @@ class GenerationSettings:
     size: Optional[int] = None
     scheduler: Optional[str] = None
     concept_files: list[str] = field(default_factory=list)
+    thought_from: Optional[str] = None
+    """With --think: the prompt as given, which the AR model rewrote into ``prompt``."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +115,7 @@ def save_images(output: "GenerationOutput", out_dir: str | os.PathLike, fingerpr
     for image, s in zip(output.tensors, output.settings):
         sidecar = json.dumps({**s.to_dict(), **extra, "fingerprints": fingerprints, "unipers_version": __version__},
                              indent=2) + "\n"
-        for stem in _candidates(f"{slug(s.prompt)}_seed{s.seed}"):
+        for stem in _candidates(f"{slug(s.thought_from or s.prompt)}_seed{s.seed}"):  # named as the user wrote it
             png, side = out / f"{stem}.png", out / f"{stem}.json"
             # Both names must be free (a sidecar without its image still belongs to someone); checking here,
             # before write_new's race-safe check, saves encoding a PNG per taken name.

@@ -7,6 +7,7 @@
     s.recognize("bo", ["a.jpg", "b.jpg"])            # P(yes) per image
     out = s.generate(["<bo> and <mam> on a sofa"], seed=0)
     out.images[0].save("sofa.png")                     # PIL images; out.tensors, out.settings
+    s.generate(["<bo> in the place where it lives"], think=True)   # drawn as the AR model rewrites it
     s.unload("mam")                                    # one concept; s.unload() for all
     with s.concepts_disabled():                        # the untrained base
         s.ask("What is a dog?")
@@ -36,6 +37,10 @@ from unipers.models.unified import UnifiedModel
 
 
 __all__ = ["GenerationOutput", "GenerationSettings", "InferenceSession", "InputError", "save_images"]
+
+
+THINK_QUESTION = "Rewrite this image prompt with what you know about {concepts}: {prompt}"
+"""What `InferenceSession.think` asks the AR model (``unipers generate --think``)."""
 
 
 class InferenceSession:
@@ -215,15 +220,37 @@ class InferenceSession:
 
     # ---- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
+    def think(self, prompt: str, *, max_new_tokens: int = 64) -> str:
+        """The AR model's rewrite of an image prompt with what it knows about the concepts the prompt names
+        (THINK_QUESTION, answered greedily), for the decoder to draw: "<bo> in the place where it lives" ->
+        "<bo> in the kitchen" when it learned where <bo> lives. A rewrite that drops a concept the prompt
+        names would draw something else: InputError, quoting it."""
+        self._check_prompt(prompt)
+        named = [n for n in dict.fromkeys(MARKER_PATTERN.findall(prompt)) if n in self.model.bank]
+        if not named:
+            raise InputError(f"--think rewrites a prompt with what the model knows about its concepts; "
+                             f"{prompt!r} names no loaded concept")
+        question = THINK_QUESTION.format(concepts=" and ".join(f"<{n}>" for n in named), prompt=prompt)
+        rewrite = self.ask(question, max_new_tokens=max_new_tokens).strip()
+        dropped = [f"<{n}>" for n in named if f"<{n}>" not in rewrite]
+        if dropped:
+            raise InputError(f"--think: the model rewrote {prompt!r} as {rewrite!r}, which drops "
+                             f"{', '.join(dropped)}; generate without --think")
+        return rewrite
+
     def generate(self, prompts: Sequence[str], *, negative: str = "", seed: int = 0, num_images: int = 1,
                  steps: int = 25, guidance: float = 5.0, size: Optional[int] = None, scheduler: Optional[str] = None,
-                 batched_cfg: bool = True) -> GenerationOutput:
+                 batched_cfg: bool = True, think: bool = False) -> GenerationOutput:
         """`num_images` images for every prompt (``.images``: PIL; ``.tensors``: (N, 3, H, W) in [0, 1];
         ``.settings``); image i of a prompt uses seed + i, so a batch of prompts gives the same images as one
-        call per prompt."""
+        call per prompt. ``think``: draw each prompt as `think` rewrites it (``settings[i].thought_from``
+        keeps the prompt as given)."""
         self._check_generation(num_images=num_images, steps=steps, guidance=guidance, size=size, seed=seed)
         for text in (*prompts, negative):
             self._check_prompt(text)
+        given = list(prompts)
+        if think:
+            prompts = [self.think(p) for p in given]
         texts = [p for p in prompts for _ in range(num_images)]
         seeds = [seed + i for _ in prompts for i in range(num_images)]
         try:
@@ -232,7 +259,8 @@ class InferenceSession:
         except PromptError as err:
             raise InputError(str(err)) from err
         files = sorted(set(self.files.values()))
-        settings = [GenerationSettings(t, negative, s, steps, guidance, size, scheduler, files)
-                    for t, s in zip(texts, seeds)]
+        origins = [g if think else None for g in given for _ in range(num_images)]
+        settings = [GenerationSettings(t, negative, s, steps, guidance, size, scheduler, files, o)
+                    for t, s, o in zip(texts, seeds, origins)]
         return GenerationOutput(images, settings)
 

@@ -67,9 +67,13 @@ def fmt(value) -> str:
 
 
 def order_metrics(keys) -> list[str]:
-    """Metric keys in table order: COLUMNS' order, then the others as they come."""
+    """Metric keys in table order: COLUMNS' order with the named sets of recognition images after
+    recognition's own columns, then the others as they come."""
     present = list(dict.fromkeys(keys))
-    return [k for k in COLUMNS if k in present] + [k for k in present if k not in COLUMNS]
+    sets = sorted(k for k in present if k.startswith("recognition/subset/"))
+    known = [k for k in COLUMNS if k in present]
+    at = max((i + 1 for i, k in enumerate(known) if k.startswith("recognition/")), default=0)
+    return known[:at] + sets + known[at:] + [k for k in present if k not in COLUMNS and k not in sets]
 
 
 def title(key: str) -> str:

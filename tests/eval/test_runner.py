@@ -257,11 +257,31 @@ def test_the_token_baseline_is_the_concept_file_at_its_init(concept_files, prepa
     assert plain["concepts"]["bo"] == token["concepts"]["bo"]
 
     session.load(concept_files["bo"])
-    with session.concepts_untrained(init=cfg.bank.init, init_noise=cfg.bank.init_noise, seed=cfg.seed):
+    with session.concepts_untrained(init=cfg.bank.init, init_noise=cfg.bank.init_noise, seed=cfg.seed):  # no settings: the defaults
         moved = session.model.bank.rows["bo"].state_dict()
         assert any(not torch.equal(moved[k], trained[k]) for k in trained)
     after = session.model.bank.rows["bo"].state_dict()
     assert all(torch.equal(after[k], trained[k]) for k in trained)
+
+
+def test_the_token_baseline_starts_where_the_files_training_did(concept_files, tmp_path):
+    """A concept file that records its training config (every run's does) is reset to that run's init,
+    whatever the eval config says; a file without one takes the eval config's."""
+    from unipers.config import to_yaml
+    from unipers.inference import InferenceSession
+
+    trained_with = load_config([], ["seed=7", "bank.init_noise=0.5"])
+    session = InferenceSession.from_config(load_config([]))
+    session.load(concept_files["bo"])
+    recorded = session.model.save_concepts(tmp_path / "bo_run.safetensors", extra={"config": to_yaml(trained_with)})
+    eval_cfg = load_config([], ["seed=3"])
+    settings = runner.init_settings([recorded, concept_files["mam"]], eval_cfg)
+    assert settings == {"bo": {"init": "class_word", "init_noise": 0.5, "seed": 7},
+                        "mam": {"init": "class_word", "init_noise": eval_cfg.bank.init_noise, "seed": 3}}
+    expected = session.model.backbone.initial_rows("bo", "dog", init="class_word", init_noise=0.5, seed=7)
+    with runner._baseline(session, "token", eval_cfg, [recorded]):
+        rows = session.model.bank.rows["bo"]
+        assert all(torch.equal(rows.embed[g], v) for g, v in expected[0].items())
 
 
 def check_intervals(out, result):

@@ -263,12 +263,33 @@ def _block(method: str, label: str, step, files, rows: dict[str, tuple]) -> dict
             "mean": mean}
 
 
-def _baseline(session, method: str, cfg):
-    """The model state a baseline answers with: the untrained base, or (``token``) the last concept files
-    with their rows at the init their training started from (the config's bank.init, bank.init_noise, seed)."""
+def _baseline(session, method: str, cfg, files: Sequence[Path] = ()):
+    """The model state a baseline answers with: the untrained base, or (``token``) the concept ``files``
+    with their rows at the init their training started from (`init_settings`)."""
     if method in ON_BASE:
         return session.concepts_disabled()
-    return session.concepts_untrained(init=cfg.bank.init, init_noise=cfg.bank.init_noise, seed=cfg.seed)
+    return session.concepts_untrained(init_settings(files, cfg))
+
+
+def init_settings(files: Sequence[Path], cfg) -> dict[str, dict]:
+    """Per concept of ``files``: the bank.init, bank.init_noise and seed its training started from, read
+    from the training config the concept file records, else the eval config's."""
+    import yaml
+
+    from unipers.concepts.io import read_metadata
+
+    default = {"init": cfg.bank.init, "init_noise": cfg.bank.init_noise, "seed": cfg.seed}
+    out = {}
+    for f in files:
+        meta = read_metadata(f)
+        recorded = yaml.safe_load(meta["config"]) if meta.get("config") else None
+        settings = dict(default)
+        if isinstance(recorded, dict):
+            bank = recorded.get("bank") or {}
+            settings.update({k: bank[k] for k in ("init", "init_noise") if k in bank})
+            settings["seed"] = recorded.get("seed", settings["seed"])
+        out.update({c["name"]: settings for c in meta["concepts"]})
+    return out
 
 
 def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None] = None) -> dict:
@@ -338,7 +359,7 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
                     log("eval: no concept file, so no 'token' baseline (it needs trained rows to reset)")
                     continue
                 rows = {}
-                with _baseline(session, method, cfg):
+                with _baseline(session, method, cfg, groups[-1][2] if groups else ()):
                     for name, t in targets.items():
                         log(f"eval: baseline ({method}) {name}")
                         rows[name] = ev.score(t, method, f"{name}_base-{method}")

@@ -90,13 +90,14 @@ class InferenceSession:
                 self.files.update(files)
 
     @contextmanager
-    def concepts_untrained(self, *, init: str = "class_word", init_noise: float = 0.01, seed: int = 0) -> Iterator[None]:
-        """Inside the block every loaded concept holds the rows its training started from (`bank.init`,
-        `bank.init_noise` and `seed` as in training): the same names, prompts and slots with nothing
-        learned, the "no concept token" baseline. The trained rows are back after it."""
-        backbone = self.model.backbone
-        values = {name: backbone.initial_rows(name, info.class_word, init=init, init_noise=init_noise, seed=seed,
-                                              layout=info.layout)
+    def concepts_untrained(self, settings: Optional[dict[str, dict]] = None, **default) -> Iterator[None]:
+        """Inside the block every loaded concept holds the rows its training started from: the same names,
+        prompts and slots with nothing learned, the "no concept token" baseline. ``settings[name]`` (else
+        ``default``) gives `initial_rows`' init, init_noise and seed, as the training config had them. The
+        trained rows are back after it."""
+        backbone, settings = self.model.backbone, settings or {}
+        values = {name: backbone.initial_rows(name, info.class_word, layout=info.layout,
+                                              **settings.get(name, default))
                   for name, info in self.model.bank.info.items()}
         with self.model.bank.rows_replaced(values):
             yield

@@ -65,35 +65,55 @@ def pytest_terminal_summary(terminalreporter):
                                 f"GiB (commands {commands:.2f}, test process {_peak_gib():.2f})")
 
 
+# Runs each command for `unipers_run` and reports its exit status and peak RSS. A child's peak (wait4's
+# ru_maxrss) counts the memory of the process that started it, at the moment it did (its pages before
+# exec), so commands started straight from this test process, gigabytes by the end of the tier, would
+# report its memory as theirs. This small process starts them instead, and is itself started first.
+SPAWNER = """
+import json, os, subprocess, sys
+for line in sys.stdin:
+    job = json.loads(line)
+    with open(job["out"], "wb") as out, open(job["err"], "wb") as err:
+        proc = subprocess.Popen(job["args"], stdout=out, stderr=err, env=job["env"], cwd=job["cwd"])
+        _, status, usage = os.wait4(proc.pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}), flush=True)
+"""
+
+
 @pytest.fixture(scope="session")
-def unipers_run():
+def unipers_run(tmp_path_factory):
     """Run ``unipers ARGS...`` in a process of its own, in the current directory: (exit code, stdout,
-    stderr). Its peak RSS (from wait4) goes into the tier's summary."""
+    stderr). Its peak RSS (from wait4, in a small spawner process: SPAWNER) goes into the tier's summary."""
+    import json
     import subprocess
     import sys
-    import tempfile
 
     import unipers
 
     # The unipers this test imports, wherever the command runs (the README's commands run in a scratch folder).
     source = str(Path(unipers.__file__).parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (source, os.environ.get("PYTHONPATH"))))}
+    spawner = subprocess.Popen([sys.executable, "-c", SPAWNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    logs = tmp_path_factory.mktemp("commands")
 
     def run(*args, cwd=None):
         args = [str(a) for a in args]
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            start = time.monotonic()
-            proc = subprocess.Popen([sys.executable, "-m", "unipers.cli", *args], stdout=out, stderr=err, env=env,
-                                    cwd=cwd)
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            name = " ".join(a for a in args[:2] if not a.startswith("-"))
-            _COMMANDS.append((name, time.monotonic() - start, usage.ru_maxrss / 2**20))
-            out.seek(0)
-            err.seek(0)
-            return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        out, err = logs / f"{len(_COMMANDS)}.out", logs / f"{len(_COMMANDS)}.err"
+        start = time.monotonic()
+        job = {"args": [sys.executable, "-m", "unipers.cli", *args], "env": env, "cwd": str(cwd) if cwd else None,
+               "out": str(out), "err": str(err)}
+        spawner.stdin.write(json.dumps(job) + "\n")
+        spawner.stdin.flush()
+        done = json.loads(spawner.stdout.readline())
+        name = " ".join(a for a in args[:2] if not a.startswith("-"))
+        _COMMANDS.append((name, time.monotonic() - start, done["maxrss_kib"] / 2**20))
+        return (done["code"], out.read_bytes().decode(errors="replace"),
+                err.read_bytes().decode(errors="replace"))
 
-    return run
+    yield run
+    spawner.stdin.close()
+    spawner.wait(timeout=60)
 
 
 @pytest.fixture(scope="session")

@@ -146,19 +146,17 @@ class Evaluator:
         """recognition/subset/<name>: the logit decision on each named set of images (targets.py), weighted
         as (pos + neg) / 2 when the set holds both, else the share right."""
         from unipers.eval.stats import point
+        from unipers.eval.uncertainty import group_of
 
         for name, keys in sorted(t.subsets.items()):
             idx = [i for i, k in enumerate(ids) if k in keys]
             if not idx:
                 continue
-            values, st = [float(right[i]) for i in idx], [strata[i] for i in idx]
-            mixed = len(set(st)) > 1
-            by_stratum: dict[str, list[float]] = {}
-            for v, stratum in zip(values, st):
-                by_stratum.setdefault(stratum, []).append(v)
-            metrics[f"recognition/subset/{name}"] = point([list(by_stratum.values()) if mixed else [values]])
-            record(per_sample, f"recognition/subset/{name}", [ids[i] for i in idx], values,
-                   strata=st if mixed else None)
+            st = [strata[i] for i in idx]
+            entry = {"ids": [ids[i] for i in idx], "values": [float(right[i]) for i in idx],
+                     "strata": st if len(set(st)) > 1 else None}
+            metrics[f"recognition/subset/{name}"] = point([group_of(entry)])
+            record(per_sample, f"recognition/subset/{name}", entry["ids"], entry["values"], strata=entry["strata"])
 
     def _choices(self, task: str, samples, p: Prompter, metrics: dict, counts: dict, per_sample=None) -> None:
         if not samples:

@@ -14,7 +14,7 @@ description stood (``backbone.describe_first`` in configs/world.yaml).
 from __future__ import annotations
 
 import random
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -236,8 +236,10 @@ def selected_answer_loss(model, ids: Tensor, mask: Tensor, labels: Tensor, first
 def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObject], *, steps: int = 800,
                       batch_size: int = 32, lr: float = 1e-3, weight_decay: float = 0.01, first_weight: float = 5.0,
                       decision_weight: float = 20.0,
-                      held_out: Sequence[WorldObject] = (), seed: int = 0, progress: Progress | None = None) -> dict:
-    """Train every weight of the HF Chameleon ``model`` except its VQ model on ``world_example`` texts.
+                      held_out: Sequence[WorldObject] = (), seed: int = 0, progress: Progress | None = None,
+                      example: Optional[Callable[[int, random.Random], WorldText]] = None) -> dict:
+    """Train every weight of the HF Chameleon ``model`` except its VQ model on ``world_example`` texts
+    (``example(i, rng)``: the example about photo i instead, as the facts world draws them).
 
     ``prompts``: a PromptBuilder over the model's tokenizer (plain mode: no concepts). ``tokens`` (N, T)
     image ids of photos of ``objects``. The image-token embeddings train as one map of the codebook
@@ -270,7 +272,8 @@ def pretrain_backbone(model, prompts, tokens: Tensor, objects: Sequence[WorldObj
         seqs, labs = [], []
         for _ in range(batch_size):
             i = rng.randrange(len(objects))
-            ids, labels = encode_example(prompts, world_example(objects[i], rng, held_out), tokens[i])
+            ex = example(i, rng) if example else world_example(objects[i], rng, held_out)
+            ids, labels = encode_example(prompts, ex, tokens[i])
             seqs.append(ids)
             labs.append(labels)
         ids, mask = pad_batch(seqs, pad)

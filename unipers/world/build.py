@@ -139,9 +139,11 @@ def training_photos(seed: int = SEED, recipe: WorldRecipe = RECIPE):
 
 
 def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_out=None,
-                   recipe: WorldRecipe = RECIPE) -> dict:
+                   recipe: WorldRecipe = RECIPE, corpus: str | None = None, example=None) -> dict:
     """Tokenizer, then AR pre-training, saved to ``out``. ``held_out``: objects the base never hears of
-    (default: the demo object; ``benchmarks/bench_world_descriptions.py`` holds out more)."""
+    (default: the demo object; ``benchmarks/bench_world_descriptions.py`` holds out more). ``corpus``
+    (the tokenizer's, default `world_corpus`) and ``example`` (`base.pretrain_backbone`'s) let another
+    world teach other words (unipers.world.facts)."""
     import torch
     from transformers import AutoProcessor, ChameleonForConditionalGeneration
 
@@ -150,7 +152,7 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_o
     from unipers.models.tiny import build_tiny_chameleon
     from unipers.world import base, tokenizer
 
-    build_tiny_chameleon(out, seed=seed, corpus=world_corpus(), **recipe.backbone)
+    build_tiny_chameleon(out, seed=seed, corpus=corpus or world_corpus(), **recipe.backbone)
     model = ChameleonForConditionalGeneration.from_pretrained(out, local_files_only=True)
     processor = AutoProcessor.from_pretrained(out, local_files_only=True)
     pixels = tokenizer.to_pixels(images, processor.image_processor)
@@ -168,7 +170,8 @@ def build_backbone(out: Path, objects, images, *, seed: int, quiet: bool, held_o
     t0 = time.perf_counter()
     with _bar(recipe.steps["pretrain"], "world: AR pre-training", quiet) as bar:
         info["pretrain"] = base.pretrain_backbone(model, prompts, tokens, objects, steps=recipe.steps["pretrain"],
-                                                  held_out=held_out or [demo_object()], seed=seed, progress=bar)
+                                                  held_out=held_out or [demo_object()], seed=seed, progress=bar,
+                                                  example=example)
     info["pretrain"]["seconds"] = round(time.perf_counter() - t0, 1)
     with torch.no_grad():
         model.save_pretrained(out)
@@ -205,7 +208,9 @@ def align_caption(obj, rng) -> str:
     return f"A photo of {desc}."
 
 
-def write_pairs(out: Path, objects, images, *, seed: int) -> None:
+def write_pairs(out: Path, objects, images, *, seed: int, caption=None) -> None:
+    """Align's image-caption pairs; ``caption(i, obj, rng)`` writes photo i's caption instead of
+    `align_caption` (the facts world names the place)."""
     import random
 
     from PIL import Image
@@ -215,7 +220,8 @@ def write_pairs(out: Path, objects, images, *, seed: int) -> None:
     with open(out / "captions.jsonl", "w", encoding="utf-8") as f:
         for i, (obj, img) in enumerate(zip(objects, images)):
             Image.fromarray(img).save(out / "images" / f"{i:05d}.png")
-            f.write(json.dumps({"image": f"images/{i:05d}.png", "caption": align_caption(obj, rng)}) + "\n")
+            text = caption(i, obj, rng) if caption else align_caption(obj, rng)
+            f.write(json.dumps({"image": f"images/{i:05d}.png", "caption": text}) + "\n")
 
 
 def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool, recipe: WorldRecipe = RECIPE) -> dict:
@@ -242,6 +248,17 @@ def run_world_align(root: Path, out: Path, *, seed: int, quiet: bool, recipe: Wo
     t0 = time.perf_counter()
     run_align(cfg)
     return {"seconds": round(time.perf_counter() - t0, 1), "steps": recipe.steps["align"], "unet_blocks": blocks}
+
+
+def align_stage(root: Path, *, seed: int, quiet: bool, recipe: WorldRecipe = RECIPE) -> dict:
+    """`run_world_align` into ROOT/align.partial, renamed to ROOT/align once it ends: the build resumes by
+    that folder, so a killed align is run again rather than taken for done."""
+    partial = root / "align.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    info = run_world_align(root, partial, seed=seed, quiet=quiet, recipe=recipe)
+    shutil.rmtree(root / "align", ignore_errors=True)
+    partial.rename(root / "align")
+    return info
 
 
 def build_classifier(path: Path, objects, images, *, seed: int, quiet: bool, recipe: WorldRecipe = RECIPE) -> dict:
@@ -356,14 +373,7 @@ def _build_stages(root: Path, seed: int, quiet: bool, recipe: WorldRecipe) -> No
         with atomic_directory(root / "pairs", overwrite=True, cache=True) as tmp:
             write_pairs(tmp, objects, images, seed=seed)
     if not (root / "align" / "connector.safetensors").is_file() or "align" not in stages:
-        partial = root / "align.partial"
-        if partial.exists():
-            shutil.rmtree(partial)
-        info = run_world_align(root, partial, seed=seed, quiet=quiet, recipe=recipe)
-        if (root / "align").exists():
-            shutil.rmtree(root / "align")
-        partial.rename(root / "align")
-        done("align", info)
+        done("align", align_stage(root, seed=seed, quiet=quiet, recipe=recipe))
     obj = demo_object()
     info = {"version": WORLD_VERSION, "seed": seed, "held_out_object": obj.attributes(),
             "recipe": asdict(recipe), "stages": stages,

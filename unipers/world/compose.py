@@ -152,10 +152,7 @@ def build_held_out_world(root: Path, held_out, *, seed: int | None = None, recip
                 build.write_pairs(tmp, objects, images, seed=seed)
         if not (root / "align" / "connector.safetensors").is_file():
             _say(f"held-out world: align ({recipe.steps['align']} steps)", quiet)
-            shutil.rmtree(root / "align.partial", ignore_errors=True)
-            stages["align"] = build.run_world_align(root, root / "align.partial", seed=seed, quiet=quiet, recipe=recipe)
-            shutil.rmtree(root / "align", ignore_errors=True)
-            (root / "align.partial").rename(root / "align")
+            stages["align"] = build.align_stage(root, seed=seed, quiet=quiet, recipe=recipe)
     info = {"version": build.WORLD_VERSION, "seed": seed, "held_out_object": build.demo_object().attributes(),
             "held_out_objects": [o.attributes() for o in held_out], "recipe": asdict(recipe), "stages": stages,
             "cpu": cpu_description(), "seconds_this_call": round(time.perf_counter() - t0, 1),
@@ -199,21 +196,16 @@ def train_job(root: str, out: str, concepts: list, steps: int, seed: int, batch_
               quiet: bool = True) -> dict:
     """One training run with the demo's config (``demo_config``) on the prepared folders ``concepts``;
     the trained file is copied to OUT/concepts.safetensors. Module-level, so a second process can run it."""
-    import torch
 
     from unipers.runtime import cpu_threads
-    from unipers.training.run import train
     from unipers.world.build import RECIPE
-    from unipers.world.demo import DemoSettings, demo_config
+    from unipers.world.demo import DemoSettings, demo_config, train_concept
 
     t0 = time.perf_counter()
     s = DemoSettings(steps=steps, seed=seed, batch_size=batch_size, lr=lr, quiet=quiet)
     cfg = demo_config(Path(root), Path(out), s, concepts=[Path(c) for c in concepts])
     with cpu_threads(RECIPE.threads):
-        torch.manual_seed(s.seed)  # as the demo, before train()
-        run_dir = train(cfg)
-    trained = Path(out) / "concepts.safetensors"
-    shutil.copyfile(run_dir / "concepts" / "last.safetensors", trained)
+        trained = train_concept(cfg, s.seed, Path(out) / "concepts.safetensors")  # as the demo trains
     return {"file": str(trained), "steps": steps, "seconds": round(time.perf_counter() - t0, 1)}
 
 

@@ -59,9 +59,10 @@ def _say(msg: str, quiet: bool) -> None:
 
 # ---- the concept's photos ---------------------------------------------------------------------------------
 
-def write_photos(folder: Path, seed: int, obj=None, tag: str = "demo") -> dict:
+def write_photos(folder: Path, seed: int, obj=None, tag: str = "demo", backdrop=None) -> dict:
     """The photos of ``obj`` (default the demo object) and its negatives, as PNG folders; returns {role:
-    [paths]}. ``tag`` seeds the draws (another object's photos use another tag: unipers.world.compose)."""
+    [paths]}. ``tag`` seeds the draws (another object's photos use another tag: unipers.world.compose).
+    ``backdrop(role, i)``: the background colour of photo i of a role (the facts world's places)."""
     from unipers.world.build import demo_object
     from unipers.world.synth import all_objects, near_misses, render
 
@@ -84,7 +85,7 @@ def write_photos(folder: Path, seed: int, obj=None, tag: str = "demo") -> dict:
         out[role] = []
         for i, o in enumerate(objects):
             path = folder / role / f"{role}_{i:03d}.png"
-            render(o, random.Random(f"{tag}/{seed}/{role}/{i}")).save(path)
+            render(o, random.Random(f"{tag}/{seed}/{role}/{i}"), tint=backdrop(role, i) if backdrop else None).save(path)
             out[role].append(path)
             truth[str(path.relative_to(folder))] = o.attributes()
     (folder / "objects.json").write_text(json.dumps(truth, indent=1) + "\n")
@@ -141,6 +142,19 @@ def demo_config(root: Path, out: Path, s: DemoSettings, concepts=None):
         "data.augment.views=8",
         f"eval.steps={s.gen_steps}", f"eval.guidance={s.guidance}",
     ])
+
+
+def train_concept(cfg, seed: int, to: Path) -> Path:
+    """Train by ``cfg`` (torch seeded with ``seed`` first, so a run reproduces) and copy the run's last
+    concept file to ``to``."""
+    import torch
+
+    from unipers.training.run import train
+
+    torch.manual_seed(seed)
+    run_dir = train(cfg)
+    shutil.copyfile(run_dir / "concepts" / "last.safetensors", to)
+    return to
 
 
 def untrained_concept(session, cfg, class_word: str, path: Path) -> Path:
@@ -264,12 +278,10 @@ def run_demo(out: str | Path = "demo", *, root: str | Path | None = None, settin
 
 
 def _run_demo(out: Path, root: str | Path | None, s: DemoSettings, overwrite: bool) -> dict:
-    import torch
 
     from unipers.config import to_yaml
     from unipers.inference.session import InferenceSession
     from unipers.io import check_output, mark_output
-    from unipers.training.run import train
     from unipers.world.build import build_world, demo_object, world_root
     from unipers.runtime import cpu_description
     from unipers.world.decoder import load_classifier
@@ -296,10 +308,7 @@ def _run_demo(out: Path, root: str | Path | None, s: DemoSettings, overwrite: bo
 
     t1 = time.perf_counter()
     _say(f"[3/7] personalize <{NAME}>: {s.steps} steps", s.quiet)
-    torch.manual_seed(s.seed)
-    run_dir = train(cfg)
-    trained = out / f"{NAME}.safetensors"
-    shutil.copyfile(run_dir / "concepts" / "last.safetensors", trained)
+    trained = train_concept(cfg, s.seed, out / f"{NAME}.safetensors")
     t["personalize"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()

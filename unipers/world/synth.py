@@ -120,9 +120,13 @@ def _pattern_mask(pattern: str, x: np.ndarray, y: np.ndarray, period: float) -> 
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def _background(rng: random.Random, size: int) -> np.ndarray:
-    """A muted, darkish background: a tinted base, a linear gradient and fine noise (float, 0..255)."""
-    base = np.array([rng.uniform(35, 120)] * 3) + np.array([rng.uniform(-18, 18) for _ in range(3)])
+def _background(rng: random.Random, size: int, tint: Sequence[float] | None = None) -> np.ndarray:
+    """A muted, darkish background: a tinted base, a linear gradient and fine noise (float, 0..255).
+    ``tint``: the base colour (an RGB triple, jittered by up to 10 per channel) instead of a drawn grey;
+    the draws are the same, so a seed puts the object at the same place, size and colour on any tint."""
+    grey = rng.uniform(35, 120)
+    jitter = np.array([rng.uniform(-18, 18) for _ in range(3)])
+    base = np.array([grey] * 3) + jitter if tint is None else np.asarray(tint, dtype=float) + jitter * (10 / 18)
     angle = rng.uniform(0, 2 * math.pi)
     ramp = np.linspace(-1, 1, size)
     gx, gy = np.meshgrid(ramp, ramp)
@@ -132,12 +136,13 @@ def _background(rng: random.Random, size: int) -> np.ndarray:
     return np.clip(base + grad + noise, 0, 255)
 
 
-def render(obj: WorldObject, rng: random.Random, size: int = IMAGE_SIZE):
-    """One photo of ``obj``: random position, size, small colour jitter and background; a PIL RGB image."""
+def render(obj: WorldObject, rng: random.Random, size: int = IMAGE_SIZE, tint: Sequence[float] | None = None):
+    """One photo of ``obj``: random position, size, small colour jitter and background (of colour ``tint``
+    when given, else a drawn grey); a PIL RGB image."""
     from PIL import Image
 
     big = size * _SUPER
-    canvas = _background(rng, big)
+    canvas = _background(rng, big, tint)
     radius = rng.uniform(0.28, 0.37) * size * _SUPER
     margin = radius * 1.05
     cx, cy = rng.uniform(margin, big - margin), rng.uniform(margin, big - margin)
@@ -154,9 +159,13 @@ def render(obj: WorldObject, rng: random.Random, size: int = IMAGE_SIZE):
     return Image.fromarray(np.clip(small, 0, 255).round().astype(np.uint8), "RGB")
 
 
-def render_many(objects: Iterable[WorldObject], seed: int | str, size: int = IMAGE_SIZE) -> np.ndarray:
-    """(N, size, size, 3) uint8, one seeded image per object (image i depends only on seed and i)."""
-    out = [np.asarray(render(o, random.Random(f"{seed}/{i}"), size)) for i, o in enumerate(objects)]
+def render_many(objects: Iterable[WorldObject], seed: int | str, size: int = IMAGE_SIZE,
+                tints: Sequence[Sequence[float]] | None = None) -> np.ndarray:
+    """(N, size, size, 3) uint8, one seeded image per object (image i depends only on seed and i);
+    ``tints``: image i's background colour (see `render`)."""
+    objects = list(objects)
+    tints = tints if tints is not None else [None] * len(objects)
+    out = [np.asarray(render(o, random.Random(f"{seed}/{i}"), size, t)) for i, (o, t) in enumerate(zip(objects, tints))]
     return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 

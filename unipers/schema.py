@@ -345,6 +345,9 @@ class EvalConfig:
     """Bootstrap resamples for every metric's 95% interval (0: none), seeded from eval.seed."""
     copy_thresholds: dict[str, float] = field(default_factory=lambda: {"clip": 0.95, "dino": 0.9, "pixel": 0.95})
     """A generated image is a copy when its highest similarity to a train photo reaches one (above 1: off)."""
+    think: bool = False
+    """Draw each generation prompt that names a loaded concept as the AR model rewrites it (generate --think);
+    CLIP-T still compares with the prompt as asked. A refused rewrite is drawn as written and counted."""
 
     def __post_init__(self) -> None:
         for key, value in dict(self.copy_thresholds).items():

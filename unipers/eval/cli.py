@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "token); --baselines alone, without concept files, scores the untrained base's")
     parser.add_argument("--no-generation", action="store_true",
                         help="skip image generation and CLIP-I / CLIP-T / DINO (no metric models needed)")
+    parser.add_argument("--think", action="store_true",
+                        help="draw each generation prompt as the AR model rewrites it with what it knows about the "
+                             "concept (eval.think; generate --think); metrics.json lists the rewrites")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--bootstrap", type=int, default=None, metavar="N",
                         help="bootstrap resamples of each 95%% interval and of --compare's test (default 1000; "
@@ -72,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
                           generation=not args.no_generation, run_dir=args.run, device=args.device,
                           overwrite=args.overwrite, bootstrap=args.bootstrap)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides + (["eval.think=true"] if args.think else []))
         result = run_eval(cfg, request)
     except (ConfigError, MetricModelError, ConceptFileError, ConceptNameError, InputError, FileNotFoundError,
             ValueError) as err:

@@ -28,6 +28,8 @@ class GenerationScorer:
         self.session, self.s, self.templates = session, settings, list(templates)
         self.clip, self.dino, self.grids = clip, dino, grids
         self._refs: dict[tuple[str, Path], dict[str, Tensor]] = {}
+        self.rewrites: list[dict] = []
+        """With eval.think: per (method, concept, template), the prompt and its rewrite or why it was refused."""
 
     def references(self, t: EvalTarget) -> dict[str, Tensor]:
         key = (t.name, t.folder)
@@ -41,6 +43,26 @@ class GenerationScorer:
                                "pixel": thumbnails(photos)}
         return self._refs[key]
 
+    def thought(self, prompt: str, method: str, label: str, concept: str, template: str, counts: dict) -> str:
+        """The prompt to draw: with eval.think, the AR model's rewrite of a prompt that names a loaded concept
+        (a refused rewrite: the prompt as written, counted in generation/think_refused)."""
+        from unipers.inference.session import InputError
+
+        from unipers.concepts.names import MARKER_PATTERN
+
+        bank = self.session.model.bank
+        if not self.s.think or method == "image" or not any(n in bank for n in MARKER_PATTERN.findall(prompt)):
+            return prompt
+        entry = {"method": label, "concept": concept, "template": template, "prompt": prompt}
+        try:
+            entry["rewrite"] = self.session.think(prompt)
+        except InputError as err:
+            entry["refused"] = str(err)
+        key = "generation/think_refused" if "refused" in entry else "generation/think_rewritten"
+        counts[key] = counts.get(key, 0) + 1
+        self.rewrites.append(entry)
+        return entry.get("rewrite", prompt)
+
     def draw(self, prompt: str, method: str, ref: Optional[Tensor]) -> Tensor:
         s, n = self.s, self.s.images_per_prompt
         if method != "image":
@@ -51,13 +73,15 @@ class GenerationScorer:
 
     @torch.no_grad()
     def score(self, t: EvalTarget, method: str, ref: Optional[Tensor], metrics: dict, counts: dict,
-              grid_name: Optional[str], per_sample=None) -> None:
-        """Draw every template's images as ``method`` writes the prompt; CLIP-I, DINO, CLIP-T and the copy
+              grid_name: Optional[str], per_sample=None, label: Optional[str] = None) -> None:
+        """Draw every template's images as ``method`` writes the prompt (``label``: the row's name, when it
+        is not the method itself, as the token baseline is written as the concept); CLIP-I, DINO, CLIP-T and the copy
         measures into ``metrics`` (per image into ``per_sample``), the images to ``grids/<grid_name>.png``."""
         prefix, _ = context(t.name, method, t.class_word, t.facts)
         clip_img, dino_img, drawn, class_texts, ids = [], [], [], [], []
         for template in self.templates:
-            images = self.draw(prefix + generation_prompt(template, t.name, method, t.class_word), method, ref)
+            prompt = prefix + generation_prompt(template, t.name, method, t.class_word)
+            images = self.draw(self.thought(prompt, method, label or method, t.name, template, counts), method, ref)
             clip_img.append(self.clip.images(images))
             if self.dino is not None:
                 dino_img.append(self.dino.images(images))

@@ -165,6 +165,8 @@ def render_markdown(result: dict) -> str:
         curve = [{**b, "concepts": {}} for b in personal]
         out += ["## Over training (mean over concepts)", "", markdown_table(*table_rows(curve)), "",
                 "![metrics against training step](curves.png)", ""]
+    if "think_rewrites" in result:
+        out += think_section(result["think_rewrites"])
     out += ["## How the numbers are computed", "", NOTES, "", "## Data", ""]
     for name, d in result["data"].items():
         counts = ", ".join(f"{k} {v}" for k, v in d.items() if k not in ("folder", "notes"))
@@ -176,6 +178,27 @@ def render_markdown(result: dict) -> str:
                    f"concepts {', '.join(rec['concepts'])}{step}")
     out += ["", "## Settings", "", "```json", json.dumps(s, indent=2), "```", ""]
     return "\n".join(out)
+
+
+def think_section(rewrites: list[dict]) -> list[str]:
+    """eval.think's rewrites: how many, how many refused (drawn as written), and each distinct one."""
+    refused = sum("refused" in r for r in rewrites)
+    out = ["## Prompts rewritten first (eval.think)", "",
+           f"Each generation prompt that names a loaded concept was drawn as the AR model rewrote it with what it "
+           f"knows about the concept: {len(rewrites) - refused} rewritten, {refused} refused (a rewrite that "
+           "dropped the concept; drawn as written). CLIP-T compares with the prompt as asked.", "",
+           "| method | concept | prompt | drawn as |", "|---|---|---|---|"]
+    seen = set()
+    for r in rewrites:
+        row = (r["method"], r["concept"], r["prompt"], r.get("rewrite") or "(refused: as written)")
+        if row not in seen:
+            seen.add(row)
+            out.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return out + [""]
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def save_grid(images, per_row: int, path: Path) -> Path:

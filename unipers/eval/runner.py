@@ -105,7 +105,7 @@ class Evaluator:
                 self._open(task, samples, p, metrics, counts, per_sample)
         self._captions(target, p, metrics, counts, per_sample)
         if self.generation is not None:
-            self.generation.score(target, style(method), ref, metrics, counts, grid_name, per_sample)
+            self.generation.score(target, style(method), ref, metrics, counts, grid_name, per_sample, label=method)
         return metrics, counts, per_sample
 
     # ---- understanding ----------------------------------------------------------------------------------
@@ -382,6 +382,8 @@ def run_eval(cfg, request: EvalRequest, session=None, log: Callable[[str], None]
                      for n, t in targets.items()},
             "results": blocks,
         }
+        if settings.think and ev.generation is not None:
+            result["think_rewrites"] = ev.generation.rewrites
         final = [b for b in blocks if b["method"] == PERSONAL]
         if final:
             result["concepts"], result["mean"] = final[-1]["concepts"], final[-1]["mean"]

@@ -193,3 +193,50 @@ def test_help_imports_nothing_heavy():
             "print([m for m in ('torch', 'transformers', 'PIL', 'numpy') if m in sys.modules])")
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert got.stdout.strip() == "[]"
+
+
+def test_captions_give_each_photo_its_generation_prompt(tmp_path, photos_dir):
+    names = sorted(p.name for p in photos_dir.iterdir())
+    given = {names[0]: "A photo of <bo> on the sofa.", names[1]: "bo   in the\ngarden."}
+    (tmp_path / "captions.json").write_text(json.dumps(given))
+    out = prepare_concept(photos_dir, "bo", tmp_path / "out", class_word="dog", captions=tmp_path / "captions.json",
+                          val_fraction=0.0)
+    concept, recs = read_prepared(out)
+    by_source = {rel: os.path.basename(src) for rel, src in concept["sources"].items()}
+    prompts = {by_source[r.image]: r.prompt for r in recs if r.task == "generation"}
+    assert prompts[names[0]] == "A photo of <bo> on the sofa."
+    assert prompts[names[1]] == "<bo> in the garden."  # the bare name is the concept, as in a facts file
+    assert all(prompts[n] == "A photo of <bo>." for n in names[2:])
+    # only the generation prompts change
+    plain = prepare_concept(photos_dir, "bo", tmp_path / "plain", class_word="dog", val_fraction=0.0)
+    others = lambda folder: [r for r in read_prepared(folder)[1] if r.task != "generation"]  # noqa: E731
+    assert others(out) == others(plain)
+
+
+@pytest.mark.parametrize("captions, named", [
+    ('{"missing.png": "A photo of <bo>."}', "missing.png"),
+    ('{"PHOTO": "A photo of a dog."}', "does not name <bo>"),
+    ('{"PHOTO": "<bo> and <mam> on a sofa."}', "<mam>"),
+    ('{"PHOTO": ""}', "non-empty"),
+    ('{"PHOTO": "<bo> ' + "x" * 600 + '"}', "characters"),
+    ('["A photo of <bo>."]', "JSON object"),
+    ("{not json", "not JSON"),
+])
+def test_bad_captions_are_refused_in_one_line_and_write_nothing(tmp_path, photos_dir, unipers_cli, tree_digest,
+                                                                one_line_error, captions, named):
+    photo = sorted(p.name for p in photos_dir.iterdir())[0]
+    path = tmp_path / "captions.json"
+    path.write_text(captions.replace("PHOTO", photo))
+    before = tree_digest(tmp_path)
+    code, _, err = unipers_cli("prepare", photos_dir, "--name", "bo", "--captions", path, "--out", tmp_path / "out")
+    assert code == 2
+    one_line_error(err, "captions.json", named)
+    assert not (tmp_path / "out").exists() and tree_digest(tmp_path) == before
+
+
+def test_captions_apply_to_a_photo_folder_only(tmp_path, unipers_cli, one_line_error):
+    (tmp_path / "captions.json").write_text("{}")
+    code, _, err = unipers_cli("prepare", "--from-yollava", tmp_path, "--captions", tmp_path / "captions.json",
+                               "--out", tmp_path / "out")
+    assert code == 2
+    one_line_error(err, "--captions", "--from-yollava")

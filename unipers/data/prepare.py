@@ -82,6 +82,7 @@ class ConceptInputs:
     issues: list = field(default_factory=list)  # importer problems, {"where", "problem"}
     subsets: dict = field(default_factory=dict)  # {source path: named test set}: its samples get ``subset``
     template_captions: bool = True  # False: the importer brings real captions, no templated ones are made
+    photo_prompts: dict = field(default_factory=dict)  # {source path: generation prompt of that photo}
 
 
 def split_indices(n: int, val_fraction: float, seed: int, min_val: int = 1) -> tuple[list[int], list[int]]:
@@ -100,28 +101,33 @@ def split_indices(n: int, val_fraction: float, seed: int, min_val: int = 1) -> t
 def prepare_concept(photos_dir: Path | str, name: str, out_dir: Path | str, *, class_word: str | None = None,
                     facts: Path | str | None = None, negatives: Path | str | None = None,
                     clip_path: Path | str | None = None, seed: int = 0, val_fraction: float = 0.2,
-                    skip_bad: bool = False, overwrite: bool = False, options: PrepareOptions | None = None) -> Path:
+                    skip_bad: bool = False, overwrite: bool = False, options: PrepareOptions | None = None,
+                    captions: Path | str | None = None) -> Path:
     """Validate the photos in ``photos_dir``, split them, retrieve negatives / soft positives when both
     ``negatives`` (pool folder) and ``clip_path`` are given, and write the prepared folder ``out_dir``.
+    ``captions``: a JSON object {photo file name: its generation prompt} (`samples.read_photo_prompts`);
+    the other photos keep "A photo of <name>.".
 
     Raises ``PhotoError`` (naming the file or folder), ``FileExistsError`` (``out_dir`` exists and not
     ``overwrite``) or ``ValueError``; on any failure ``out_dir`` is left as it was."""
     from unipers.concepts.names import validate_name
     from unipers.data.images import load_photos
-    from unipers.data.samples import read_facts
+    from unipers.data.samples import read_facts, read_photo_prompts
     from unipers.io import check_output
 
     opts = options or PrepareOptions()
     validate_name(name)
     out_dir = Path(out_dir)
-    check_output(out_dir, overwrite=overwrite, inputs=[x for x in (photos_dir, facts, negatives) if x])  # before the slow part
+    check_output(out_dir, overwrite=overwrite, inputs=[x for x in (photos_dir, facts, negatives, captions) if x])
     photos = load_photos(photos_dir, max_side=opts.max_side, min_side=opts.min_side, skip_bad=skip_bad)
+    prompts = read_photo_prompts(captions, name, [p.path.name for p in photos.photos]) if captions else {}
     tr, va = split_indices(len(photos.photos), val_fraction, seed, opts.min_val)
     fact_list, pairs = read_facts(facts, name) if facts else ([], [])
     inputs = ConceptInputs(
         name=name, train=[photos.photos[i] for i in tr], val=[photos.photos[i] for i in va], class_word=class_word,
         facts=fact_list, fact_pairs=pairs, facts_source=Path(facts).name if facts else None,
-        photo_report={"skipped": photos.skipped, "duplicates": photos.duplicates, "ignored": photos.ignored})
+        photo_report={"skipped": photos.skipped, "duplicates": photos.duplicates, "ignored": photos.ignored},
+        photo_prompts={str(p.path): prompts[p.path.name] for p in photos.photos if p.path.name in prompts})
     return build_prepared(inputs, out_dir, seed=seed, val_fraction=val_fraction, negatives=negatives,
                           clip_path=clip_path, overwrite=overwrite, options=opts)
 
@@ -172,8 +178,10 @@ def split_negatives(negs: list[str], has_val: bool, val_fraction: float, seed: i
     return [n for i, n in enumerate(negs) if i not in pick], [n for i, n in enumerate(negs) if i in pick]
 
 
-def generate_samples(inp: ConceptInputs, images: dict, soft: list[dict], seed: int, opts: PrepareOptions) -> list:
-    """All generated samples, grouped by task and split, in a fixed order (one seeded RNG stream)."""
+def generate_samples(inp: ConceptInputs, images: dict, soft: list[dict], seed: int, opts: PrepareOptions,
+                     photo_prompts: dict | None = None) -> list:
+    """All generated samples, grouped by task and split, in a fixed order (one seeded RNG stream);
+    ``photo_prompts``: {image: generation prompt} for photos whose prompt is given."""
     from unipers.data import samples as S
 
     rng = random.Random(f"{seed}/samples")
@@ -191,7 +199,7 @@ def generate_samples(inp: ConceptInputs, images: dict, soft: list[dict], seed: i
         out += S.caption_samples(inp.name, inp.class_word, images[split], split, rng,
                                  per_image=opts.captions_per_photo if split == "train" else 1)
     for split in ("train", "val", "test"):
-        out += S.generation_samples(inp.name, images[split], split)
+        out += S.generation_samples(inp.name, images[split], split, photo_prompts)
     return out + S.soft_positive_samples(inp.name, soft)
 
 
@@ -255,7 +263,9 @@ def build_prepared(inp: ConceptInputs, out_dir: Path, *, seed: int, val_fraction
         else:
             images["train_negatives"], images["val_negatives"] = negs, w.copy_all(inp.val_negatives, "valneg")
             neg_info += [{"image": rel, "kind": "given"} for rel in images["val_negatives"]]
-        samples = generate_samples(inp, images, soft, seed, opts) if inp.generate_samples else fact_samples(inp, seed)
+        given = {rel: inp.photo_prompts[src] for rel, src in w.sources.items() if src in inp.photo_prompts}
+        samples = (generate_samples(inp, images, soft, seed, opts, given) if inp.generate_samples
+                   else fact_samples(inp, seed))
         issues = list(inp.issues)
         samples += _imported_samples(inp.extra_samples, w, issues)
         if inp.subsets:  # a benchmark's named test sets: each sample about one of their images says which

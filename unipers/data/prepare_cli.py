@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a("--class-word", help="what the concept is (dog, mug, person); used in captions")
     a("--facts", type=Path, help="text file with one fact per line, or a JSON list of {question, answer}; "
       "write the concept as <NAME>: a bare word equal to NAME is rewritten to <NAME> too")
+    a("--captions", type=Path, metavar="JSON", help='each photo\'s generation prompt, {"photo.jpg": "A photo of '
+      '<NAME> on the sofa.", ...}: naming what is around the concept keeps it out of the concept\'s rows '
+      '(default for every photo: "A photo of <NAME>.")')
     a("--negatives", type=Path, metavar="POOL_DIR", help="image folder tree to draw negatives / soft positives from")
     a("--clip", type=Path, metavar="PATH", help="local CLIP folder (CLIPVisionModelWithProjection + processor)")
     a("--out", type=Path, help="output folder (default: data/NAME)")
@@ -90,10 +93,11 @@ RETRIEVAL = ("negatives", "clip", "hard", "easy", "soft", "near_duplicate", "sof
              "device", "clip_cache")
 NOT_APPLICABLE = {
     "photos": (("visual_qa", "text_qa", "image_root"), "it applies to the importers only"),
-    "--from-yollava": (("image_root",), "QA images are looked up under ROOT"),
-    "--from-yochameleon": (("visual_qa", "text_qa", *RETRIEVAL),
+    "--from-yollava": (("image_root", "captions"), "QA images are looked up under ROOT; --captions applies to a "
+                       "photo folder"),
+    "--from-yochameleon": (("visual_qa", "text_qa", "captions", *RETRIEVAL),
                            "its JSONs bring their own negatives and questions; nothing is retrieved"),
-    **{flag: (("visual_qa", "text_qa", "image_root"), "it reads the benchmark's published layout only")
+    **{flag: (("visual_qa", "text_qa", "image_root", "captions"), "it reads the benchmark's published layout only")
        for flag in BENCHMARKS},
 }
 
@@ -172,7 +176,7 @@ def main(args: argparse.Namespace) -> int:
                 outs = [prepare_concept(args.photos, args.name, out, class_word=args.class_word, facts=args.facts,
                                         negatives=args.negatives, clip_path=args.clip, seed=args.seed,
                                         val_fraction=val_fraction, skip_bad=args.skip_bad,
-                                        overwrite=args.overwrite, options=opts)]
+                                        overwrite=args.overwrite, options=opts, captions=args.captions)]
     except (UnipersError, PhotoError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
         for line in getattr(e, "details", ()):  # every record an import could not use, then the one-line error
             print(line, file=sys.stderr)

@@ -15,7 +15,7 @@ import math
 import random
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from unipers.data.manifest import Sample
 
@@ -137,6 +137,42 @@ def recognition_samples(name: str, positives: Sequence[str], negatives: Sequence
     return out
 
 
+MAX_PROMPT_CHARS = 500
+
+
+def read_photo_prompts(path: Path | str, name: str, photos: Sequence[str]) -> dict[str, str]:
+    """{photo file name: its generation prompt} from a JSON object, checked: every key one of ``photos``
+    (file names), every prompt a string naming ``<name>`` and no other concept (a bare ``name`` is rewritten
+    to ``<name>``, as in a facts file), at most MAX_PROMPT_CHARS characters. A ValueError names the file
+    and the key."""
+    from unipers.concepts.names import MARKER_PATTERN
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f'{path}: expected a JSON object {{"photo file name": "A photo of <{name}> ...", ...}}')
+    known, out = set(photos), {}
+    for key, prompt in data.items():
+        if key not in known:
+            raise ValueError(f"{path}: {key!r} is not one of the {len(known)} photos loaded")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{path}: {key!r}: the prompt must be a non-empty string")
+        prompt = normalize_mentions(" ".join(prompt.split()), name)
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{path}: {key!r}: the prompt is {len(prompt)} characters, more than {MAX_PROMPT_CHARS}")
+        others = sorted({m for m in MARKER_PATTERN.findall(prompt) if m != name})
+        if mention(name) not in prompt or others:
+            why = f"names {', '.join(f'<{m}>' for m in others)}" if others else f"does not name <{name}>"
+            raise ValueError(f"{path}: {key!r}: the prompt {why}; write the concept as <{name}> and no other")
+        out[key] = prompt
+    return out
+
+
 def read_facts(path: Path | str, name: str) -> tuple[list[str], list[dict]]:
     """(facts, question/answer pairs) from a facts file.
 
@@ -201,10 +237,11 @@ def caption_samples(name: str, class_word: str | None, images: Sequence[str], sp
     return out
 
 
-def generation_samples(name: str, images: Sequence[str], split: str) -> list[Sample]:
-    """"A photo of <bo>." for each photo, using all generation slots."""
-    prompt = GENERATION_PROMPT.format(c=mention(name))
-    return [Sample("generation", name, split, image=img, prompt=prompt) for img in images]
+def generation_samples(name: str, images: Sequence[str], split: str, prompts: Optional[dict] = None) -> list[Sample]:
+    """"A photo of <bo>." for each photo (or its own prompt in ``prompts``: {image: prompt}), using all
+    generation slots."""
+    prompt, prompts = GENERATION_PROMPT.format(c=mention(name)), prompts or {}
+    return [Sample("generation", name, split, image=img, prompt=prompts.get(img, prompt)) for img in images]
 
 
 def soft_positive_samples(name: str, soft: Sequence[dict]) -> list[Sample]:

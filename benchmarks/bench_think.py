@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=str(RESULTS / "think.json"))
     p.add_argument("--root", default=None, help="a built facts world (default: build or reuse the cached one)")
     p.add_argument("--world-share", type=float, default=1.0, help="facts world at this share of the steps")
+    p.add_argument("--no-captions", action="store_true",
+                   help='every photo of <bo> captioned "A photo of <bo>." (default: its place named, prepare --captions)')
+    p.add_argument("--no-recall", action="store_true",
+                   help="--think rewrites without first recalling what the model knows (session.think(recall=False))")
     p.add_argument("--verbose", action="store_true", help="progress bars")
     p.add_argument("--summary", metavar="JSON", help="print the table of a saved result")
     args = p.parse_args(argv)
@@ -57,7 +61,9 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     runs = [run_think(out_dir / f"seed{seed}",
                       root=args.root and Path(args.root).expanduser(), seed=seed, steps=args.steps,
-                      world_share=args.world_share, n_images=args.images, quiet=not args.verbose, overwrite=True)
+                      world_share=args.world_share, n_images=args.images, captions=not args.no_captions,
+                      recall=not args.no_recall,
+                      quiet=not args.verbose, overwrite=True)
             for seed in args.seeds]
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

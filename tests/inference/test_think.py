@@ -11,20 +11,23 @@ import torch
 
 from unipers.inference import InferenceSession
 from unipers.inference.options import InputError
+from unipers.data.samples import SUMMARY_QUESTION
 from unipers.inference.session import THINK_QUESTION
 
 GIVEN = "<bo> in the place where it lives"
+RECALLED = "<bo> lives in the kitchen."
 REWRITE = "<bo> sitting in the kitchen"
 
 
 @pytest.fixture
 def knowing(monkeypatch):
-    """`ask` answers the think question with REWRITE (and remembers what it was asked)."""
+    """`ask` answers the recall question with RECALLED and the think question with REWRITE (and remembers
+    what it was asked)."""
     asked = []
 
     def ask(self, question, *a, **k):
         asked.append(question)
-        return " " + REWRITE + " "
+        return " " + (RECALLED if question == SUMMARY_QUESTION.format(c="<bo>") else REWRITE) + " "
 
     monkeypatch.setattr(InferenceSession, "ask", ask)
     return asked
@@ -34,6 +37,11 @@ def test_the_decoder_draws_the_rewrite(session, knowing):
     thought = session.generate([GIVEN], seed=3, num_images=2, steps=2, think=True)
     direct = session.generate([REWRITE], seed=3, num_images=2, steps=2)
     assert torch.equal(thought.tensors, direct.tensors)
+    # what the model recalls stands before the rewrite question
+    assert knowing == [SUMMARY_QUESTION.format(c="<bo>"), RECALLED + " " + THINK_QUESTION.format(concepts="<bo>",
+                                                                                                 prompt=GIVEN)]
+    knowing.clear()
+    assert session.think(GIVEN, recall=False) == REWRITE
     assert knowing == [THINK_QUESTION.format(concepts="<bo>", prompt=GIVEN)]
     assert [(s.prompt, s.thought_from) for s in thought.settings] == [(REWRITE, GIVEN)] * 2
     assert all(s.thought_from is None for s in direct.settings)

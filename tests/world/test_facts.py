@@ -57,8 +57,13 @@ def test_rewrites_ask_what_think_asks_and_answer_from_the_prefix():
         ex = rewrite_example(rng.choice(all_objects()), rng)
         prefix, question = ex.question.split(". Rewrite", 1)
         name = prefix.split()[0]
-        home = prefix.split("living in the ")[1].split(" and")[0]
-        likes = prefix.split("liking the ")[1]
+        if "living in the " in prefix:  # one sentence: "zib is ..., living in the X and liking the Y"
+            home = prefix.split("living in the ")[1].split(" and")[0]
+            likes = prefix.split("liking the ")[1]
+        else:  # statements, as a concept's recall writes them: "zib lives in the X. zib likes the Y."
+            home = prefix.split(f"{name} lives in the ")[1].split(".")[0]
+            likes = prefix.split(f"{name} likes the ")[1].split(".")[0]
+            assert prefix.count(f"{name} is ") == 2  # the description and the colour
         prompt = question.split(": ", 1)[1]
         assert "Rewrite" + question == THINK_QUESTION.format(concepts=name, prompt=prompt)
         fills = [dict(c=name, home=home, likes=likes, other=o) for o in PLACES]

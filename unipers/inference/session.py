@@ -40,7 +40,7 @@ __all__ = ["GenerationOutput", "GenerationSettings", "InferenceSession", "InputE
 
 
 THINK_QUESTION = "Rewrite this image prompt with what you know about {concepts}: {prompt}"
-"""What `InferenceSession.think` asks the AR model (``unipers generate --think``)."""
+"""What `InferenceSession.think` asks the AR model (``unipers generate --think``), after its recall."""
 
 
 class InferenceSession:
@@ -221,17 +221,29 @@ class InferenceSession:
 
     # ---- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def think(self, prompt: str, *, max_new_tokens: int = 64) -> str:
-        """The AR model's rewrite of an image prompt with what it knows about the concepts the prompt names
-        (THINK_QUESTION, answered greedily), for the decoder to draw: "<bo> in the place where it lives" ->
-        "<bo> in the kitchen" when it learned where <bo> lives. A rewrite that drops a concept the prompt
-        names would draw something else: InputError, quoting it."""
+    def recall(self, name: str, *, max_new_tokens: int = 64) -> str:
+        """What the model says it knows about a loaded concept: its greedy answer to the question prepare
+        trains a concept's facts under (``data.samples.SUMMARY_QUESTION``, "What do you know about <bo>?")."""
+        from unipers.data.samples import SUMMARY_QUESTION
+
+        return self.ask(SUMMARY_QUESTION.format(c=f"<{name}>"), max_new_tokens=max_new_tokens).strip()
+
+    @torch.no_grad()
+    def think(self, prompt: str, *, max_new_tokens: int = 64, recall: bool = True) -> str:
+        """The AR model's rewrite of an image prompt with what it knows about the concepts the prompt names,
+        for the decoder to draw: "<bo> in the place where it lives" -> "<bo> in the kitchen" when it learned
+        where <bo> lives. With ``recall`` the model first says what it knows about each concept (`recall`),
+        and that text stands before the rewrite question (THINK_QUESTION, answered greedily): facts written
+        out in context are read more reliably than the same facts held in a concept's rows. A rewrite that
+        drops a concept the prompt names would draw something else: InputError, quoting it."""
         self._check_prompt(prompt)
         named = [n for n in dict.fromkeys(MARKER_PATTERN.findall(prompt)) if n in self.model.bank]
         if not named:
             raise InputError(f"--think rewrites a prompt with what the model knows about its concepts; "
                              f"{prompt!r} names no loaded concept")
         question = THINK_QUESTION.format(concepts=" and ".join(f"<{n}>" for n in named), prompt=prompt)
+        if recall:
+            question = " ".join(self.recall(n, max_new_tokens=max_new_tokens) for n in named) + " " + question
         rewrite = self.ask(question, max_new_tokens=max_new_tokens).strip()
         dropped = [f"<{n}>" for n in named if f"<{n}>" not in rewrite]
         if dropped:

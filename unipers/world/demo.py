@@ -92,11 +92,15 @@ def write_photos(folder: Path, seed: int, obj=None, tag: str = "demo", backdrop=
     return out
 
 
-def prepare(photos: Path, out: Path, seed: int, name: str = NAME, obj=None, facts=FACTS, near_misses=()) -> Path:
+def prepare(photos: Path, out: Path, seed: int, name: str = NAME, obj=None, facts=FACTS, near_misses=(),
+            photo_prompts=None, statements: bool = False) -> Path:
     """The photos -> a prepared concept folder through the project's own prepare path (validation,
     samples, manifest), with the held-out test split the benchmark protocol uses. ``name``, ``obj``
     (default the demo object: its shape is the class word) and ``facts`` default to the demo's; the test
-    negatives among ``near_misses`` (paths) form the named set "near_misses", which eval scores apart."""
+    negatives among ``near_misses`` (paths) form the named set "near_misses", which eval scores apart.
+    ``photo_prompts``: {photo path: its generation prompt}, as `unipers prepare --captions` gives them.
+    ``statements``: the facts' answers are given as facts too (a facts file's lines), which adds their
+    templated questions and "What do you know about <bo>?"."""
     from unipers.data.images import load_photos
     from unipers.data.prepare import ConceptInputs, PrepareOptions, build_prepared
     from unipers.world.build import demo_object
@@ -110,7 +114,9 @@ def prepare(photos: Path, out: Path, seed: int, name: str = NAME, obj=None, fact
         name=name, train=load("train"), val=load("val"), test=load("test"),
         test_negatives=[p.path for p in load("test_negatives")], given_negatives=negatives,
         class_word=(obj or demo_object()).shape, fact_pairs=fact_pairs, facts_source="demo facts",
-        subsets={str(p): "near_misses" for p in near_misses})
+        facts=[a for _, a, _ in facts] if statements else [],
+        subsets={str(p): "near_misses" for p in near_misses},
+        photo_prompts={str(k): v for k, v in (photo_prompts or {}).items()})
     opts = PrepareOptions(min_side=32, quiet=True, questions_per_photo=8)
     val_share = N_NEG_VAL / (N_NEG_TRAIN + N_NEG_VAL)  # prepare holds this share of the negatives out
     return build_prepared(inputs, out, seed=seed, val_fraction=val_share, overwrite=True, options=opts)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-FACTS_VERSION = "facts-v1"
+FACTS_VERSION = "facts-v2"
 PLACE_TINTS = {  # muted and far apart (nearest pair 60 apart in RGB), so a blurred picture still reads
     "kitchen": (170, 100, 40),
     "garden": (45, 125, 55),
@@ -66,6 +66,7 @@ MEASURED = (  # (fact, prompt): the place facts run_think draws, in prompts from
     ("likes", "A photo of <{c}> in the place it likes."),
 )
 N_IMAGES = 48
+CONDITIONS = ("as written", "--think", "place named", "class word, place named")
 
 
 def _say(msg: str, quiet: bool = False) -> None:
@@ -123,9 +124,12 @@ def facts_photos(seed: int, recipe):
 # ---- what the base learns --------------------------------------------------------------------------------
 
 def rewrite_example(obj, rng: random.Random):
-    """A prompt rewrite read off a prefix sentence, as `InferenceSession.think` asks a concept's: "zib is a
+    """A prompt rewrite with the facts in context, as `InferenceSession.think` asks a concept's: "zib is a
     purple striped star, living in the kitchen and liking the garden. Rewrite this image prompt with what
-    you know about zib: A photo of zib in the place where it lives." -> "A photo of zib in the kitchen."."""
+    you know about zib: A photo of zib in the place where it lives." -> "A photo of zib in the kitchen.".
+    Half of them state the facts as sentences after the description ("zib is a purple striped star. zib
+    likes the garden. zib lives in the kitchen. zib is purple. Rewrite ..."), the way a concept's recall
+    (`InferenceSession.recall`) writes them before the question."""
     from unipers.inference.session import THINK_QUESTION
     from unipers.world.base import NONCE_NAMES, PLACES, WorldText
     from unipers.world.synth import with_article
@@ -134,8 +138,13 @@ def rewrite_example(obj, rng: random.Random):
     home, likes, other = (rng.choice(PLACES) for _ in range(3))
     prompt, rewrite = rng.choice(REWRITES)
     fill = dict(c=name, home=home, likes=likes, other=other)
-    prefix = f"{name} is {with_article(obj.describe())}, living in the {home} and liking the {likes}. "
-    return WorldText(prefix + THINK_QUESTION.format(concepts=name, prompt=prompt.format(**fill)), rewrite.format(**fill))
+    if rng.random() < 0.5:
+        context = f"{name} is {with_article(obj.describe())}, living in the {home} and liking the {likes}. "
+    else:
+        said = [f"{name} lives in the {home}.", f"{name} likes the {likes}.", f"{name} is {obj.colour}."]
+        rng.shuffle(said)
+        context = f"{name} is {with_article(obj.describe())}. " + " ".join(said) + " "
+    return WorldText(context + THINK_QUESTION.format(concepts=name, prompt=prompt.format(**fill)), rewrite.format(**fill))
 
 
 def facts_example(objects, held_out):
@@ -292,10 +301,13 @@ def base_rewrites(session, n: int = 24, seed: int = 0) -> dict:
 
 
 def run_think(out, *, root=None, seed: int = 0, steps: int = 2400, world_share: float = 1.0,
-              n_images: int = N_IMAGES, quiet: bool = True, overwrite: bool = False) -> dict:
+              n_images: int = N_IMAGES, captions: bool = True, recall: bool = True, quiet: bool = True,
+              overwrite: bool = False) -> dict:
     """Train ``<bo>`` on the facts world and draw each MEASURED prompt as written, as ``--think`` rewrites it
-    and with the place spelled out; every image judged for its place and object. Writes OUT/think.json,
-    image grids in OUT/images and returns the result."""
+    and with the place spelled out; every image judged for its place and object. ``captions``: each
+    photo's generation prompt names its place (`prepare --captions`), else "A photo of <bo>." for all.
+    ``recall``: `InferenceSession.think`'s, whether the rewrite follows the model's recall of its facts.
+    Writes OUT/think.json, image grids in OUT/images and returns the result."""
     from torchvision.utils import save_image
 
     from unipers.inference.options import InputError
@@ -321,9 +333,13 @@ def run_think(out, *, root=None, seed: int = 0, steps: int = 2400, world_share: 
         obj = build.demo_object()
         places = {key: photo_places(400, f"{seed}/concept/{key}") for key in ("train", "val", "test", "negatives",
                                                                              "val_negatives", "test_negatives")}
-        write_photos(out / "photos", seed, tag="facts",
-                              backdrop=lambda role, i: PLACE_TINTS[places[role][i]])
-        prepare(out / "photos", out / "data" / NAME, seed)  # the folder demo_config trains on
+        photos = write_photos(out / "photos", seed, tag="facts", backdrop=lambda role, i: PLACE_TINTS[places[role][i]])
+        # each photo's generation prompt names its place, so <bo>'s rows learn the object, not five backgrounds
+        prompts = {str(p): f"A photo of <{NAME}> in the {places[role][i]}."
+                   for role in ("train", "val", "test") for i, p in enumerate(photos[role])}
+        # the facts also as statements, so <bo> learns "What do you know about <bo>?", which --think recalls first
+        prepare(out / "photos", out / "data" / NAME, seed, photo_prompts=prompts if captions else None,
+                statements=True)  # the folder demo_config trains on
         s = DemoSettings(steps=steps, seed=seed, quiet=quiet)
         cfg = demo_config(root, out, s)
         t1 = time.perf_counter()
@@ -338,20 +354,23 @@ def run_think(out, *, root=None, seed: int = 0, steps: int = 2400, world_share: 
         session.load(trained)
         facts = [{"question": q, "answer": session.ask(q, max_new_tokens=24), "expected": a, "key": k}
                  for q, a, k in FACTS]
+        recalled = session.recall(NAME)
         targets = {"home": FACTS[0][2], "likes": FACTS[1][2]}
         (out / "images").mkdir()
         rows = []
         for fact, template in MEASURED:
             prompt, place = template.format(c=NAME), targets[fact]
             try:
-                rewrite, refused = session.think(prompt), None
+                rewrite, refused = session.think(prompt, recall=recall), None
             except InputError as err:
                 rewrite, refused = None, str(err)
             told = prompt.replace("the place where it lives" if fact == "home" else "the place it likes",
                                   f"the {place}")
             row = {"fact": fact, "place": place, "prompt": prompt, "rewrite": rewrite, "refused": refused,
                    "told": told, "conditions": {}}
-            for cond, text in (("as written", prompt), ("--think", rewrite), ("place named", told)):
+            base = f"A photo of a {obj.shape} in the {place}."  # the decoder told the place, without <bo>
+            for cond, text in (("as written", prompt), ("--think", rewrite), ("place named", told),
+                               ("class word, place named", base)):
                 if text is None:
                     continue
                 images = session.generate([text], seed=seed, num_images=n_images, steps=s.gen_steps,
@@ -370,9 +389,10 @@ def run_think(out, *, root=None, seed: int = 0, steps: int = 2400, world_share: 
     result = {"cpu": cpu_description(), "world": {"root": str(root), "version": world["version"],
                                                    "facts_version": world["facts_version"], "seed": world["seed"],
                                                    "recipe_steps": world["recipe"]["steps"]},
-              "settings": {"steps": steps, "seed": seed, "n_images": n_images, "gen_steps": s.gen_steps,
+              "settings": {"steps": steps, "seed": seed, "n_images": n_images, "captions": captions, "recall": recall,
+                           "gen_steps": s.gen_steps,
                            "guidance": s.guidance, "world_share": world_share},
-              "concept": {"name": f"<{NAME}>", "object": obj.attributes(), "facts": facts},
+              "concept": {"name": f"<{NAME}>", "object": obj.attributes(), "facts": facts, "recall": recalled},
               "base_rewrites": checks, "rows": rows, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
     (out / "think.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -380,30 +400,35 @@ def run_think(out, *, root=None, seed: int = 0, steps: int = 2400, world_share: 
 
 def format_table(r: dict) -> str:
     """A markdown table of ``run_think``'s result."""
-    def cell(c: dict) -> str:
-        p = c["place"]
+    def cell(c: dict, cond: str) -> str:
+        if cond not in c:
+            return "refused" if cond == "--think" else "–"
+        p = c[cond]["place"]
         return f"{p['value']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]"
 
     st = r["settings"]
+    captions = ("each photo captioned with its place" if st.get("captions", False)
+                else 'every photo captioned "A photo of <bo>."')
+    captions += "; --think recalls first" if st.get("recall", True) else "; --think without the recall"
     lines = [f"`<bo>` trained {st['steps']} steps on the facts world ({r['world']['version']}, "
-             f"{r['world']['facts_version']}, seed {r['world']['seed']}); {st['n_images']} seeded images per "
-             "prompt, the same seeds in every column. Share of images in the fact's place, 95% bootstrap interval; "
-             "object: attribute match.", "",
-             "| fact | prompt | --think rewrite | as written | --think | place named | --think − as written "
-             "(paired, p) | object: as written / --think / named |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{r['world']['facts_version']}, seed {r['world']['seed']}), {captions}; demo seed {st['seed']}; "
+             f"{st['n_images']} seeded images per prompt, the same seeds in every column. Share of images in the "
+             "fact's place, 95% bootstrap interval; object: attribute match.", "",
+             "| fact | prompt | --think rewrite | " + " | ".join(CONDITIONS) + " | --think − as written (paired, p) "
+             "| object: " + " / ".join(CONDITIONS) + " |",
+             "|---|---|---|" + "---|" * len(CONDITIONS) + "---|---|"]
     for row in r["rows"]:
         c = row["conditions"]
-        think = cell(c["--think"]) if "--think" in c else "refused"
         diff = row.get("think_minus_as_written")
         d = (f"{diff['diff']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}], p {diff['p_value']:.3f}"
              if diff else "–")
-        objs = " / ".join(f"{c[k]['object']['mean']:.2f}" if k in c else "–" for k in ("as written", "--think", "place named"))
-        lines.append(f"| {row['place']} | {row['prompt']} | {row['rewrite'] or row['refused']} | {cell(c['as written'])} "
-                     f"| {think} | {cell(c['place named'])} | {d} | {objs} |")
+        objs = " / ".join(f"{c[k]['object']['mean']:.2f}" if k in c else "–" for k in CONDITIONS)
+        lines.append(f"| {row['place']} | {row['prompt']} | {row['rewrite'] or row['refused']} | "
+                     + " | ".join(cell(c, k) for k in CONDITIONS) + f" | {d} | {objs} |")
     facts = "; ".join(f"{f['question']} → {f['answer']}" for f in r["concept"]["facts"])
     b = r["base_rewrites"]
-    lines += ["", f"The concept's answers: {facts}.",
+    lines += ["", f"The concept's answers: {facts}",
+              f"Its recall, before each rewrite: {r['concept'].get('recall', '(none)')}",
               f"The base's own rewrites, facts in a prefix sentence (as taught): {b['right']:.2f} of {b['n']} exact.",
               f"CPU: {r['cpu']['model']} (torch kernels {r['cpu']['torch_capability']}). Time (s): "
               + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()) + ".", ""]
@@ -418,11 +443,17 @@ def format_seeds(results: list) -> str:
              "| fact | condition | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
              "|---|---|" + "---|" * (len(seeds) + 1)]
     for i, (fact, _) in enumerate(MEASURED):
-        for cond in ("as written", "--think", "place named"):
+        place = results[0]["rows"][i]["place"]
+        named = ["refused" if r["rows"][i]["rewrite"] is None else
+                 ("yes" if f"the {place}" in r["rows"][i]["rewrite"] else "no") for r in results]
+        lines.append(f"| {place} | the --think rewrite names the {place} | " + " | ".join(named)
+                     + f" | {named.count('yes')} of {len(named)} |")
+        for cond in CONDITIONS:
             vals = [r["rows"][i]["conditions"].get(cond, {}).get("place", {}).get("value") for r in results]
             got = [v for v in vals if v is not None]
-            mean = f"{np.mean(got):.2f}" + ("" if len(got) == len(vals) else f" ({len(got)} runs)") if got else "–"
-            cells = " | ".join("refused" if v is None else f"{v:.2f}" for v in vals)
+            mean = (f"{np.mean(got):.2f}" + ("" if len(got) == len(vals) else f" (the {len(got)} drawn)")) if got else "–"
+            missing = "refused" if cond == "--think" else "–"
+            cells = " | ".join(missing if v is None else f"{v:.2f}" for v in vals)
             lines.append(f"| {results[0]['rows'][i]['place']} | {cond} | {cells} | {mean} |")
     lines += ["", "Rewrites: " + "; ".join(f"seed {r['settings']['seed']}: " + ", ".join(
         f"{row['fact']} → {row['rewrite'] or 'refused'}" for row in r["rows"]) for r in results), ""]

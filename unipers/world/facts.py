@@ -8,19 +8,21 @@ In the demo world a photo's background is a drawn grey, so a fact such as "<bo> 
 nothing to show. Here every photo is taken in one of the world's places and the place sets its background
 colour (``PLACE_TINTS``); align's captions name the place ("A photo of a red dotted circle in the
 kitchen."), so the decoder learns to draw a named place; and the AR base also learns to rewrite an image
-prompt with what a prefix sentence says about a name (``rewrite_example``: "zib is ..., living in the
-kitchen and liking the garden. Rewrite this image prompt with what you know about zib: A photo of zib in the
-place where it lives." -> "A photo of zib in the kitchen."). ``place_of`` judges which place a picture
-shows: the place whose tint is nearest its border's median colour.
+prompt with the facts given in context (``rewrite_example``: "zib lives in the kitchen. zib likes the
+garden. Rewrite this image prompt with what you know about zib: A photo of zib in the place where it
+lives." -> "A photo of zib in the kitchen."). ``place_of`` judges which place a picture shows: the place
+whose tint is nearest its border's median colour.
 
-Otherwise the base is the demo world's: same recipe, seed, training objects (the demo object held out) and
-pre-training mix. It is built apart, so the demo world, and every figure measured on it, is unchanged.
+Otherwise the base is the demo world's: same recipe but a longer align (ALIGN_STEPS), same seed, training
+objects (the demo object held out) and pre-training mix. It is built apart, so the demo world, and every
+figure measured on it, is unchanged.
 
 The measurement (``run_think``) trains ``<bo>`` with the demo's settings and facts (lives in the kitchen,
-likes the garden) on photos taken in random places, so its photos teach no place. Then for each place fact
-it draws the same seeded images for the prompt as written ("A photo of <bo> in the place where it lives."),
-for the AR model's rewrite of it (``InferenceSession.think``), and for the place spelled out ("... in the
-kitchen.": what the decoder can do when told), and judges each image's place and object.
+likes the garden) on photos taken in random places, each captioned with its place. Then for each place
+fact it draws the same seeded images for the prompt as written ("A photo of <bo> in the place where it
+lives."), for the AR model's rewrite of it (``InferenceSession.think``), for the place spelled out ("... in
+the kitchen.") and for the place spelled out with the class word instead of ``<bo>`` (what the decoder
+does when told), and judges each image's place and object.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 FACTS_VERSION = "facts-v2"
-PLACE_TINTS = {  # muted and far apart (nearest pair 60 apart in RGB), so a blurred picture still reads
+PLACE_TINTS = {  # muted and far apart (nearest pair 67 apart in RGB), so a blurred picture still reads
     "kitchen": (170, 100, 40),
     "garden": (45, 125, 55),
     "park": (120, 145, 45),
@@ -60,7 +62,7 @@ REWRITES = (  # (prompt, rewrite) with {c} the name and {home} / {likes} its pla
 )
 ALIGN_STEPS = 6000
 """Align steps of the facts world (the demo world's: 2,000). With 2,000 the decoder drew the place it was
-told in a quarter of its pictures of a star (2 in 8 by chance); with 6,000, in 63 of 64."""
+told in a quarter of its pictures of a star (1 in 8 by chance); with 6,000, in 63 of 64."""
 MEASURED = (  # (fact, prompt): the place facts run_think draws, in prompts from REWRITES
     ("home", "A photo of <{c}> in the place where it lives."),
     ("likes", "A photo of <{c}> in the place it likes."),
@@ -285,8 +287,8 @@ def judge_images(images, place: str, obj, classifier, key: str, seed: int) -> di
 
 
 def base_rewrites(session, n: int = 24, seed: int = 0) -> dict:
-    """The base's rewrites with the facts in a prefix sentence, as it was taught, on fresh draws: the share
-    exactly right (an upper bound for a concept, whose facts are in its rows)."""
+    """The base's rewrites with the facts in context, as it was taught, on fresh draws: the share exactly
+    right (what a concept's rewrite could reach, were its facts read as well as written ones)."""
     from unipers.world.synth import all_objects
 
     rng, right, shown = random.Random(f"facts/base-rewrites/{seed}"), 0, []
@@ -429,7 +431,7 @@ def format_table(r: dict) -> str:
     b = r["base_rewrites"]
     lines += ["", f"The concept's answers: {facts}",
               f"Its recall, before each rewrite: {r['concept'].get('recall', '(none)')}",
-              f"The base's own rewrites, facts in a prefix sentence (as taught): {b['right']:.2f} of {b['n']} exact.",
+              f"The base's own rewrites, facts in context (as taught): {b['right']:.2f} of {b['n']} exact.",
               f"CPU: {r['cpu']['model']} (torch kernels {r['cpu']['torch_capability']}). Time (s): "
               + ", ".join(f"{k} {v}" for k, v in r["seconds"].items()) + ".", ""]
     return "\n".join(lines)

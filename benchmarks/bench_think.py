@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from unipers.world.facts import format_seeds, format_table, run_think  # noqa: E402  (after the path above)
+from unipers.world.think import format_seeds, format_table, run_think  # noqa: E402  (after the path above)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

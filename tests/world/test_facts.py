@@ -13,8 +13,9 @@ import torch
 
 from unipers.inference.session import THINK_QUESTION
 from unipers.world.base import PLACES
-from unipers.world.facts import (MEASURED, PLACE_TINTS, REWRITES, check_places, facts_caption, photo_places, place_of,
+from unipers.world.facts import (PLACE_TINTS, REWRITES, check_places, facts_caption, photo_places, place_of,
                                  rewrite_example)
+from unipers.world.think import MEASURED
 from unipers.world.synth import WorldObject, all_objects, render, render_many, sample_objects
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,6 +81,7 @@ def test_rewrites_ask_what_think_asks_and_answer_from_the_prefix():
     assert seen == {t[0] for t in REWRITES}
     # what the benchmark measures is what the base was taught to rewrite
     assert {m[1].replace("<{c}>", "{c}") for m in MEASURED} <= {t[0] for t in REWRITES}
+    assert all(words in prompt for _, prompt, words in MEASURED)
 
 
 def test_captions_name_the_photo_place_most_times():

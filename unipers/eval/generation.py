@@ -48,10 +48,7 @@ class GenerationScorer:
         (a refused rewrite: the prompt as written, counted in generation/think_refused)."""
         from unipers.inference.session import InputError
 
-        from unipers.concepts.names import MARKER_PATTERN
-
-        bank = self.session.model.bank
-        if not self.s.think or method == "image" or not any(n in bank for n in MARKER_PATTERN.findall(prompt)):
+        if not self.s.think or method == "image" or not self.session.loaded_in(prompt):
             return prompt
         entry = {"method": label, "concept": concept, "template": template, "prompt": prompt}
         try:

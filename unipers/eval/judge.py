@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from unipers.models.embedders import MetricModelError
+from unipers.models.padding import pad_batch
 
 PROMPT = ("A question about {name}, its reference answer and a candidate answer.\n"
           "Question: {question}\nReference answer: {reference}\nCandidate answer: {candidate}\n"
@@ -80,10 +81,8 @@ class Judge:
         out: list[float] = []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         for i in range(0, len(prompts), self.batch_size):
-            rows = [self.tokenizer(p).input_ids for p in prompts[i:i + self.batch_size]]
-            width = max(map(len, rows))
-            ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+            ids, mask = pad_batch([self.tokenizer(p).input_ids for p in prompts[i:i + self.batch_size]], pad, side="left")
+            ids, mask = ids.to(self.device), mask.to(self.device)
             position_ids = (mask.cumsum(1) - 1).clamp_min(0)  # left padding: positions count real tokens only
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1]
             pair = logits[:, self.yes_no].float().softmax(-1)

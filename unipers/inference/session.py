@@ -221,6 +221,10 @@ class InferenceSession:
 
     # ---- generation -------------------------------------------------------------------------------------
     @torch.no_grad()
+    def loaded_in(self, prompt: str) -> list[str]:
+        """The loaded concepts a prompt names, in order of first mention (what `think` rewrites for)."""
+        return [n for n in dict.fromkeys(MARKER_PATTERN.findall(prompt)) if n in self.model.bank]
+
     def recall(self, name: str, *, max_new_tokens: int = 64) -> str:
         """What the model says it knows about a loaded concept: its greedy answer to the question prepare
         trains a concept's facts under (``data.samples.SUMMARY_QUESTION``, "What do you know about <bo>?")."""
@@ -237,7 +241,7 @@ class InferenceSession:
         out in context are read more reliably than the same facts held in a concept's rows. A rewrite that
         drops a concept the prompt names would draw something else: InputError, quoting it."""
         self._check_prompt(prompt)
-        named = [n for n in dict.fromkeys(MARKER_PATTERN.findall(prompt)) if n in self.model.bank]
+        named = self.loaded_in(prompt)
         if not named:
             raise InputError(f"--think rewrites a prompt with what the model knows about its concepts; "
                              f"{prompt!r} names no loaded concept")
